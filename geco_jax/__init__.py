@@ -1,0 +1,30 @@
+"""geco_jax: VAEs trained under explicit constraints with GECO (Rezende & Viola, 2018).
+
+The core is an optax gradient transformation, ``geco``, whose Lagrange state
+lives in the optimiser state; ``lagrangian`` builds the loss from it and
+``lagrange_multiplier`` reads the multiplier back. ``constraints`` holds the
+paper's constraint functions (RE, FRE, CLA, pNCC, KL) and ``dual`` the
+optimisers for the multiplier.
+"""
+
+from geco_jax import constraints
+from geco_jax import dual
+from geco_jax.geco import GecoState
+from geco_jax.geco import constraint_moving_average
+from geco_jax.geco import find_geco_state
+from geco_jax.geco import geco
+from geco_jax.geco import lagrange_multiplier
+from geco_jax.geco import lagrangian
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GecoState",
+    "constraint_moving_average",
+    "constraints",
+    "dual",
+    "find_geco_state",
+    "geco",
+    "lagrange_multiplier",
+    "lagrangian",
+]
