@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 
 def concrete_values(tree) -> list[float]:
   """Floats of the leaves whose values are known now; tracers are skipped.
 
   Under ``optax.inject_hyperparams`` hyper-parameters arrive as arrays, and as
-  tracers inside a jitted ``update``; those were validated at ``init``.
+  tracers inside a jitted ``update``; those were validated at ``init``. Works
+  inside ``jax.jit`` for values closed over (Python floats, NumPy arrays).
   """
   values = []
   for leaf in jax.tree_util.tree_leaves(tree):
     if isinstance(leaf, jax.core.Tracer):
       continue
-    values.extend(float(v) for v in jnp.ravel(jnp.asarray(leaf)))
+    # NumPy, not jnp: inside a trace even jnp ops on constants give tracers.
+    values.extend(float(v) for v in np.ravel(np.asarray(leaf, dtype=np.float64)))
   return values
 
 

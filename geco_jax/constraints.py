@@ -85,7 +85,8 @@ def reconstruction_error(x, reconstruction, tolerance):
     Shape [batch]; <= 0 where the example's RMSE is within the tolerance.
   """
   _check_pair(x, reconstruction, "reconstruction_error")
-  check(tolerance, lambda v: v >= 0, "reconstruction_error: tolerance must be >= 0")
+  check(tolerance, lambda v: v >= 0,
+                   "reconstruction_error: tolerance must be >= 0")
   size = jnp.size(x) // jnp.shape(x)[0]
   squared_error = _sum_per_example(jnp.square(x - reconstruction))
   return squared_error - size * jnp.square(tolerance)
@@ -149,12 +150,15 @@ def feature_reconstruction_error(
   """
   _check_pair(x, reconstruction, "feature_reconstruction_error")
   check(tolerance, lambda v: v >= 0,
-        "feature_reconstruction_error: tolerance must be >= 0")
+                   "feature_reconstruction_error: tolerance must be >= 0")
   fx, fg = features(x), features(reconstruction)
-  if jnp.shape(fx)[0] != jnp.shape(x)[0]:
+  if (jnp.ndim(fx) < 1 or jnp.shape(fx)[0] != jnp.shape(x)[0]
+      or jnp.shape(fg) != jnp.shape(fx)):
     raise ValueError(
-        "feature_reconstruction_error: features must keep the batch axis; "
-        f"got shape {jnp.shape(fx)} for a batch of {jnp.shape(x)[0]}.")
+        "feature_reconstruction_error: features must keep the batch axis and "
+        "give the same shape for data and reconstruction; got shapes "
+        f"{jnp.shape(fx)} and {jnp.shape(fg)} for a batch of "
+        f"{jnp.shape(x)[0]}.")
   size = jnp.size(fx) // jnp.shape(fx)[0]
   return _sum_per_example(jnp.square(fx - fg)) - size * jnp.square(tolerance)
 
@@ -180,7 +184,8 @@ def classification_accuracy(
     Shape [batch].
   """
   check(tolerance, lambda v: 0 <= v <= 1,
-        "classification_accuracy: tolerance must be a probability in [0, 1]")
+                   "classification_accuracy: tolerance must be a probability "
+                   "in [0, 1]")
   if jnp.ndim(labels) != 1 or jnp.shape(labels)[0] != jnp.shape(reconstruction)[0]:
     raise ValueError(
         "classification_accuracy: labels must be integers of shape [batch] = "
@@ -204,7 +209,11 @@ def _whitened_patches(images, patch_size: int, stride: int, epsilon: float):
   patches = jax.lax.conv_general_dilated_patches(
       images, filter_shape=(patch_size, patch_size),
       window_strides=(stride, stride), padding="VALID",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      # The patches come from a convolution with an identity kernel; at the
+      # backend's default precision it would round every pixel to bfloat16
+      # (TPU) or TF32 (recent NVIDIA GPUs), so ask for exact float32.
+      precision=jax.lax.Precision.HIGHEST)
   patches = patches.reshape(images.shape[0], -1, patches.shape[-1])
   centred = patches - jnp.mean(patches, axis=-1, keepdims=True)
   norm = jnp.sqrt(jnp.sum(jnp.square(centred), axis=-1, keepdims=True) + epsilon)
@@ -240,7 +249,8 @@ def patch_normalized_cross_correlation(
   _check_pair(x, reconstruction, "patch_normalized_cross_correlation")
   _check_images(x, "patch_normalized_cross_correlation")
   check(tolerance, lambda v: -1 <= v <= 1,
-        "patch_normalized_cross_correlation: tolerance must be in [-1, 1]")
+                   "patch_normalized_cross_correlation: tolerance must be in "
+                   "[-1, 1]")
   if patch_size < 1 or stride < 1 or patch_size > min(x.shape[1:3]):
     raise ValueError(
         "patch_normalized_cross_correlation: need 1 <= patch_size <= image "
@@ -261,7 +271,8 @@ def kl_divergence(kl, tolerance):
     kl: per-example KL, shape [batch].
     tolerance: the largest acceptable KL in nats (>= 0).
   """
-  check(tolerance, lambda v: v >= 0, "kl_divergence: tolerance must be >= 0")
+  check(tolerance, lambda v: v >= 0,
+                   "kl_divergence: tolerance must be >= 0")
   if jnp.ndim(kl) != 1:
     raise ValueError(
         f"kl_divergence: expected a per-example KL of shape [batch]; got "

@@ -39,6 +39,10 @@ def sgd(learning_rate) -> optax.GradientTransformation:
   learning rate that may be a float or a pytree of the parameters' structure
   (one step size per constraint). GECO feeds it ``g = -C_ma`` on ``log lambda``.
   """
+  if not jax.tree_util.tree_leaves(learning_rate):
+    raise ValueError(
+        "sgd: learning_rate must be a positive float or a pytree of them; "
+        f"got {learning_rate!r}.")
   check(learning_rate, lambda v: v > 0 and math.isfinite(v),
         "sgd: learning_rate must be positive and finite")
   per_leaf = not jax.tree_util.treedef_is_leaf(
@@ -91,9 +95,9 @@ def pi(
   ``learning_rate * (ki * C_ma_t + kp * Delta xi_t)`` in log space.
 
   Args:
-    learning_rate: step size eta (> 0).
-    kp: proportional gain (>= 0).
-    ki: integral gain (>= 0).
+    learning_rate: step size eta (> 0, finite).
+    kp: proportional gain (>= 0, finite).
+    ki: integral gain (>= 0, finite).
     ema_nu: smoothing of the error for the proportional term, in [0, 1).
       GECO's constraint is already a moving average, so 0 is a good default.
     init: ``'sgd'`` sets ``xi_{-1} = e_0`` so the first step equals SGD with
@@ -103,10 +107,13 @@ def pi(
   Returns:
     An ``optax.GradientTransformation`` with state ``PIState``.
   """
-  if not learning_rate > 0:
-    raise ValueError(f"pi: learning_rate must be positive; got {learning_rate!r}.")
-  if kp < 0 or ki < 0:
-    raise ValueError(f"pi: gains must be non-negative; got kp={kp!r}, ki={ki!r}.")
+  # Written so that NaN fails every test (a NaN gain would poison lambda).
+  if not (learning_rate > 0 and math.isfinite(learning_rate)):
+    raise ValueError(
+        f"pi: learning_rate must be positive and finite; got {learning_rate!r}.")
+  if not (kp >= 0 and ki >= 0 and math.isfinite(kp) and math.isfinite(ki)):
+    raise ValueError(
+        f"pi: gains must be non-negative and finite; got kp={kp!r}, ki={ki!r}.")
   if kp == 0 and ki == 0:
     raise ValueError("pi: kp and ki are both zero, so lambda would never move.")
   if not 0.0 <= ema_nu < 1.0:
