@@ -1,0 +1,18 @@
+"""Data for the experiments: procedurally generated sprites and a batcher.
+
+``make_sprites`` and ``sprites_dataset`` draw dSprites-like images with no
+download; ``EpochBatcher`` cuts a dict of arrays into deterministic, resumable
+shuffled mini-batches.
+"""
+
+from geco_jax.data.pipeline import EpochBatcher
+from geco_jax.data.sprites import SHAPES
+from geco_jax.data.sprites import make_sprites
+from geco_jax.data.sprites import sprites_dataset
+
+__all__ = [
+    "EpochBatcher",
+    "SHAPES",
+    "make_sprites",
+    "sprites_dataset",
+]
