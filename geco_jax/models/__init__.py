@@ -1,0 +1,7 @@
+"""VAE models. Every model returns a ``VAEOutput`` so trainers treat them alike."""
+
+from geco_jax.models.common import VAEOutput
+from geco_jax.models.common import gaussian_kl
+from geco_jax.models.conv_vae import ConvVAE
+
+__all__ = ["ConvVAE", "VAEOutput", "gaussian_kl"]
