@@ -1,0 +1,1 @@
+"""ml_collections configs; each module's get_config() returns one experiment."""

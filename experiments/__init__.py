@@ -1,0 +1,1 @@
+"""Experiments: command-line programs that read configs and call geco_jax."""

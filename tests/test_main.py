@@ -1,0 +1,97 @@
+"""The default experiment from the command line: bad input, a short run, resumption."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# Small enough to run in seconds on a CPU; the full default run is the slow test below.
+SHORT = ["--config.num_steps=30", "--config.log_every=10", "--config.image_every=30",
+         "--config.checkpoint_every=10", "--config.dataset.num_train=512",
+         "--config.dataset.num_test=100", "--config.num_image_samples=16"]
+
+
+def _run(*args, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _summary(result) -> dict:
+  lines = [l for l in result.stdout.splitlines() if l.startswith("final: ")]
+  assert len(lines) == 1, result.stdout + result.stderr
+  return json.loads(lines[0][len("final: "):])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/does_not_exist.py"], "does_not_exist.py"),
+    (["--config", "configs/default.py", "--config.no_such_key=1"], "no_such_key"),
+    (["--config", "configs/default.py", "--config.batch_size=abc"], "batch_size"),
+    (["--config", "configs/default.py", "--config.batch_size=0"], "batch_size"),
+    (["--config", "configs/default.py", "--config.constraints.re.tolerance=-0.1"],
+     "tolerance"),
+    (["--config", "configs/default.py", "--config.geco.alpha=1.5"], "alpha"),
+    (["--config", "configs/default.py", "--config.dataset.name=imagenet"], "dataset.name"),
+])
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path, args, message):
+  result = _run(*args, "--workdir", str(tmp_path / "run"))
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+  assert message in lines[0]
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists(), "nothing is written for a bad config"
+
+
+def test_missing_workdir_is_an_error(tmp_path):
+  result = _run("--config", "configs/default.py")
+  assert result.returncode == 2
+  assert "workdir" in result.stderr
+
+
+def test_short_run_logs_checkpoints_and_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  result = _run("--config", "configs/default.py", "--workdir", str(workdir), *SHORT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = _summary(result)
+  assert summary["step"] == 30
+  assert set(summary["lambda"]) == {"re"} and summary["lambda"]["re"] > 0
+  assert "eval" in summary and summary["eval"]["rmse"] > 0
+  events = list(workdir.glob("events.out.tfevents.*"))
+  assert events, "no TensorBoard event file"
+  assert (workdir / "checkpoints" / "30").is_dir()
+  assert "steps/s" in result.stderr  # progress: steps/s and ETA are logged
+
+  # The event file holds the scalars and the image grids.
+  from tensorboard.backend.event_processing import event_accumulator
+  accumulator = event_accumulator.EventAccumulator(str(workdir), size_guidance={
+      event_accumulator.TENSORS: 0})
+  accumulator.Reload()
+  tags = set(accumulator.Tags()["tensors"])
+  for tag in ("kl", "loss", "lambda/re", "constraint/re", "constraint_ma/re",
+              "steps_per_sec", "data", "reconstructions", "prior_samples"):
+    assert tag in tags, (tag, sorted(tags))
+
+  # Started again in the same workdir with more steps, it resumes at step 30.
+  again = _run("--config", "configs/default.py", "--workdir", str(workdir),
+               *SHORT[1:], "--config.num_steps=40")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "Resumed from the checkpoint of step 30" in again.stderr
+  assert _summary(again)["step"] == 40
+
+
+@pytest.mark.slow
+def test_default_experiment_meets_its_constraint_within_five_minutes(tmp_path):
+  result = _run("--config", "configs/default.py", "--workdir", str(tmp_path / "run"),
+                timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = _summary(result)
+  assert summary["satisfied"], summary
+  assert summary["eval"]["constraint/re"] <= 0, summary
+  assert summary["seconds"] < 300, summary
