@@ -85,7 +85,11 @@ def main(argv):
     _fail(str(e))
   _quiet_library_logs()
   logging.info("Config:\n%s", config)
-  summary = train.train_and_evaluate(config, _WORKDIR.value)
+  try:
+    summary = train.train_and_evaluate(config, _WORKDIR.value)
+  except FloatingPointError as e:  # Diverged: reported, the checkpoints kept.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   print("final: " + json.dumps(summary, sort_keys=True), flush=True)
 
 

@@ -172,22 +172,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, metrics = step_fn(state, batch["image"])
     pending.append(metrics)
     report_progress(step, time.time())
-    if step % config.log_every == 0 or step == config.num_steps:
+    checkpoint_now = step % config.checkpoint_every == 0 or step == config.num_steps
+    if step % config.log_every == 0 or checkpoint_now:
+      # Also before every checkpoint, so that a diverged state is never saved.
       # Metrics stay on the device between logs: one host transfer per k steps.
       fetched = jax.device_get(pending)
       pending = []
       last_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
       last_metrics.update({k: float(v) for k, v in fetched[-1].items()
                            if k.startswith(("lambda/", "constraint_ma/"))})
-      if not all(np.isfinite(v) for v in last_metrics.values()):
+      diverged = sorted(k for k, v in last_metrics.items() if not np.isfinite(v))
+      if diverged:
         raise FloatingPointError(
-            f"Non-finite metrics at step {step}: {last_metrics}. The last good "
-            f"checkpoint is step {checkpoints.latest_step()}.")
+            f"training diverged: non-finite {', '.join(diverged)} by step {step}; "
+            + (f"the newest checkpoint (step {checkpoints.latest_step()}) is kept. "
+               if checkpoints.latest_step() is not None else "no checkpoint written. ")
+            + "Try a smaller optimizer.learning_rate or geco.lambda_lr, or set "
+            "geco.lambda_max.")
       writer.write_scalars(step, last_metrics)
     if step % config.image_every == 0 or step == config.num_steps:
       _write_images(writer, step, state, preview, model=model,
                     num_samples=config.num_image_samples)
-    if step % config.checkpoint_every == 0 or step == config.num_steps:
+    if checkpoint_now:
       checkpoints.save(step, args=ocp.args.StandardSave(state), force=True)
 
   # Evaluation ------------------------------------------------------------- #

@@ -209,7 +209,12 @@ def geco(
     lambda_lr: step size nu of the multiplicative update
       ``lambda_t = lambda_{t-1} exp(nu C_ma_t)``; a float or a pytree with the
       constraint's structure (one step size per constraint). Defaults to 1e-2.
-      Not allowed together with ``dual_optimizer``.
+      Not allowed together with ``dual_optimizer``. Its scale goes with the
+      constraint's units: ``log lambda`` moves by ``lambda_lr * C_ma`` per
+      step, and an RE constraint is a sum over pixels (hundreds at the start
+      of training on 28x28 images), where 1e-4 to 1e-3 is a sensible range
+      (the default experiment uses 1e-4). Too large a step makes lambda
+      overshoot by orders of magnitude while the moving average lags.
     alpha: decay of the constraint's moving average, in [0, 1) (paper: 0.99);
       0 means no averaging.
     lambda_init: lambda_0 > 0 (paper: 1). A pytree fixes the constraint's

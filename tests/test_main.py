@@ -85,6 +85,15 @@ def test_short_run_logs_checkpoints_and_resumes(tmp_path):
   assert "Resumed from the checkpoint of step 30" in again.stderr
   assert _summary(again)["step"] == 40
 
+  # A run that diverges says so in one line, exits 1 and leaves the checkpoints as they were.
+  diverged = _run("--config", "configs/default.py", "--workdir", str(workdir),
+                  *SHORT[1:], "--config.num_steps=60", "--config.log_every=5",
+                  "--config.optimizer.learning_rate=1e8")
+  assert diverged.returncode == 1, diverged.stderr[-3000:]
+  assert "error: training diverged" in diverged.stderr.strip().splitlines()[-1]
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit())[-1] == 40
+
 
 @pytest.mark.slow
 def test_default_experiment_meets_its_constraint_within_five_minutes(tmp_path):
