@@ -22,6 +22,7 @@ import geco_jax
 from experiments import setup
 from geco_jax.constraints import per_pixel_rmse
 from geco_jax.data import EpochBatcher
+from geco_jax.data import Prefetcher
 
 
 @flax.struct.dataclass
@@ -167,34 +168,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   pending = []
   last_metrics: dict[str, float] = {}
-  for step in range(first_step + 1, config.num_steps + 1):
-    batch = train_batches.batch_at(step - 1)
-    state, metrics = step_fn(state, batch["image"])
-    pending.append(metrics)
-    report_progress(step, time.time())
-    checkpoint_now = step % config.checkpoint_every == 0 or step == config.num_steps
-    if step % config.log_every == 0 or checkpoint_now:
-      # Also before every checkpoint, so that a diverged state is never saved.
-      # Metrics stay on the device between logs: one host transfer per k steps.
-      fetched = jax.device_get(pending)
-      pending = []
-      last_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-      last_metrics.update({k: float(v) for k, v in fetched[-1].items()
-                           if k.startswith(("lambda/", "constraint_ma/"))})
-      diverged = sorted(k for k, v in last_metrics.items() if not np.isfinite(v))
-      if diverged:
-        raise FloatingPointError(
-            f"training diverged: non-finite {', '.join(diverged)} by step {step}; "
-            + (f"the newest checkpoint (step {checkpoints.latest_step()}) is kept. "
-               if checkpoints.latest_step() is not None else "no checkpoint written. ")
-            + "Try a smaller optimizer.learning_rate or geco.lambda_lr, or set "
-            "geco.lambda_max.")
-      writer.write_scalars(step, last_metrics)
-    if step % config.image_every == 0 or step == config.num_steps:
-      _write_images(writer, step, state, preview, model=model,
-                    num_samples=config.num_image_samples)
-    if checkpoint_now:
-      checkpoints.save(step, args=ocp.args.StandardSave(state), force=True)
+  # Batches are cut in a background thread while the device runs the step.
+  batches = Prefetcher(train_batches.iterate(start_step=first_step), buffer_size=2)
+  try:
+    for step in range(first_step + 1, config.num_steps + 1):
+      batch = next(batches)
+      state, metrics = step_fn(state, batch["image"])
+      pending.append(metrics)
+      report_progress(step, time.time())
+      checkpoint_now = step % config.checkpoint_every == 0 or step == config.num_steps
+      if step % config.log_every == 0 or checkpoint_now:
+        # Also before every checkpoint, so that a diverged state is never saved.
+        # Metrics stay on the device between logs: one host transfer per k steps.
+        fetched = jax.device_get(pending)
+        pending = []
+        last_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        last_metrics.update({k: float(v) for k, v in fetched[-1].items()
+                             if k.startswith(("lambda/", "constraint_ma/"))})
+        diverged = sorted(k for k, v in last_metrics.items() if not np.isfinite(v))
+        if diverged:
+          raise FloatingPointError(
+              f"training diverged: non-finite {', '.join(diverged)} by step {step}; "
+              + (f"the newest checkpoint (step {checkpoints.latest_step()}) is kept. "
+                 if checkpoints.latest_step() is not None else "no checkpoint written. ")
+              + "Try a smaller optimizer.learning_rate or geco.lambda_lr, or set "
+              "geco.lambda_max.")
+        writer.write_scalars(step, last_metrics)
+      if step % config.image_every == 0 or step == config.num_steps:
+        _write_images(writer, step, state, preview, model=model,
+                      num_samples=config.num_image_samples)
+      if checkpoint_now:
+        checkpoints.save(step, args=ocp.args.StandardSave(state), force=True)
+  finally:
+    batches.close()
 
   # Evaluation ------------------------------------------------------------- #
   eval_metrics = evaluate(state, data["test"], config.batch_size, model=model,

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from geco_jax.data import EpochBatcher
+from geco_jax.data import Prefetcher
+from geco_jax.data import split_for_devices
 
 
 def _arrays(n=100):
@@ -180,3 +182,80 @@ def test_step_errors():
     batcher.batch_at(-1)
   with pytest.raises(ValueError, match="start_step must be at least 0"):
     next(batcher.iterate(start_step=-5))
+
+
+# --------------------------------------------------------------------------- #
+# Sharding over processes, splitting over devices, prefetching
+# --------------------------------------------------------------------------- #
+
+
+def test_shards_are_disjoint_and_make_the_global_batch():
+  arrays = {"id": np.arange(100)}
+  whole = EpochBatcher(arrays, 12, seed=3)
+  shards = [EpochBatcher(arrays, 12, seed=3, shard_index=k, num_shards=4) for k in range(4)]
+  for step in (0, 5, 8, 9, 30):
+    parts = [s.batch_at(step)["id"] for s in shards]
+    assert all(len(p) == 3 for p in parts)
+    np.testing.assert_array_equal(np.concatenate(parts), whole.batch_at(step)["id"])
+    assert len(set(np.concatenate(parts))) == 12
+
+
+def test_sharded_evaluation_visits_each_example_once():
+  arrays = {"id": np.arange(103)}
+  seen = []
+  for k in range(4):
+    batcher = EpochBatcher(arrays, 8, seed=0, shard_index=k, num_shards=4,
+                           drop_remainder=False)
+    seen.extend(int(i) for b in batcher.iterate_once() for i in b["id"])
+  assert sorted(seen) == list(range(103))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(shard_index=2, num_shards=2), "shard_index"),
+    (dict(shard_index=0, num_shards=5), "divisible"),
+    (dict(shard_index=-1, num_shards=2), "shard_index"),
+    (dict(shard_index=0, num_shards=0), "num_shards"),
+])
+def test_bad_shards_are_rejected(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    EpochBatcher({"id": np.arange(100)}, 12, seed=0, **kwargs)
+
+
+def test_split_for_devices():
+  batch = {"image": np.arange(48).reshape(8, 6), "label": np.arange(8)}
+  split = split_for_devices(batch, 4)
+  assert split["image"].shape == (4, 2, 6) and split["label"].shape == (4, 2)
+  np.testing.assert_array_equal(split["image"][1, 0], batch["image"][2])
+  with pytest.raises(ValueError, match="3 devices"):
+    split_for_devices(batch, 3)
+
+
+def test_prefetcher_yields_the_same_stream_in_order():
+  batcher = EpochBatcher({"id": np.arange(50)}, 5, seed=1)
+  expected = [batcher.batch_at(s)["id"] for s in range(7, 27)]
+  with Prefetcher(batcher.iterate(7), buffer_size=3) as prefetched:
+    got = [next(prefetched)["id"] for _ in range(20)]
+  for a, b in zip(got, expected):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_prefetcher_applies_transform_ends_and_reraises():
+  assert list(Prefetcher(iter(range(5)), transform=lambda v: v * 10)) == [0, 10, 20, 30, 40]
+
+  def broken():
+    yield 1
+    raise RuntimeError("bad file")
+
+  prefetched = Prefetcher(broken())
+  assert next(prefetched) == 1
+  with pytest.raises(RuntimeError, match="bad file"):
+    next(prefetched)
+
+
+def test_prefetcher_close_stops_an_endless_iterator():
+  prefetched = Prefetcher(EpochBatcher({"id": np.arange(10)}, 2, seed=0).iterate())
+  next(prefetched)
+  prefetched.close()
+  assert not prefetched._thread.is_alive()
+  with pytest.raises(StopIteration):
+    next(prefetched)

@@ -6,13 +6,17 @@ shuffled mini-batches.
 """
 
 from geco_jax.data.pipeline import EpochBatcher
+from geco_jax.data.pipeline import Prefetcher
+from geco_jax.data.pipeline import split_for_devices
 from geco_jax.data.sprites import SHAPES
 from geco_jax.data.sprites import make_sprites
 from geco_jax.data.sprites import sprites_dataset
 
 __all__ = [
     "EpochBatcher",
+    "Prefetcher",
     "SHAPES",
     "make_sprites",
+    "split_for_devices",
     "sprites_dataset",
 ]

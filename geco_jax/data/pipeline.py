@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import math
 import operator
+import queue
+import threading
 from typing import Iterator, Mapping
 
 import numpy as np
 
-__all__ = ["EpochBatcher"]
+__all__ = ["EpochBatcher", "Prefetcher", "split_for_devices"]
 
 
 def _check_int(value, name: str, minimum: int) -> int:
@@ -43,6 +45,13 @@ class EpochBatcher:
       full batches and the examples left over (different ones each epoch when
       shuffling) are skipped; if False the last batch of an epoch holds the
       remaining ``num_examples % batch_size`` examples, when there are any.
+    shard_index: which of ``num_shards`` disjoint parts this reader returns,
+      e.g. ``jax.process_index()``.
+    num_shards: number of readers, e.g. ``jax.process_count()``. ``batch_size``
+      is the *global* batch: every step's global batch is the same whatever
+      the number of shards, and shard k returns its k-th contiguous
+      ``batch_size // num_shards`` examples of it, so the shards of one step
+      are disjoint and together make the global batch.
 
   Batches from ``batch_at`` and ``iterate`` are fresh arrays (fancy-indexed
   copies); ``iterate_once`` yields views into ``arrays``.
@@ -54,7 +63,8 @@ class EpochBatcher:
   """
 
   def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, *,
-               seed: int, shuffle: bool = True, drop_remainder: bool = True):
+               seed: int, shuffle: bool = True, drop_remainder: bool = True,
+               shard_index: int = 0, num_shards: int = 1):
     if not isinstance(arrays, Mapping) or not arrays:
       raise ValueError(
           f"arrays must be a non-empty dict of arrays; got {arrays!r:.80}.")
@@ -76,6 +86,16 @@ class EpochBatcher:
           f"batch_size {batch_size} is larger than the {num_examples} "
           "examples, so drop_remainder=True would leave no batch; use a "
           "smaller batch_size or drop_remainder=False.")
+    num_shards = _check_int(num_shards, "num_shards", 1)
+    shard_index = _check_int(shard_index, "shard_index", 0)
+    if shard_index >= num_shards:
+      raise ValueError(
+          f"shard_index must be below num_shards ({num_shards}); got {shard_index}.")
+    if batch_size % num_shards:
+      raise ValueError(
+          f"the global batch_size {batch_size} must be divisible by num_shards "
+          f"({num_shards}), so that every shard reads the same number of examples.")
+    self._shard_index, self._num_shards = shard_index, num_shards
     self._arrays = arrays
     self._num_examples = num_examples
     self._batch_size = batch_size
@@ -117,12 +137,22 @@ class EpochBatcher:
     return self._cached_order
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
-    """The batch of global step ``step`` >= 0: a function of seed and step."""
+    """This shard's part of the batch of global step ``step`` >= 0.
+
+    A function of (seed, step) only; with one shard, the whole global batch.
+    """
     step = _check_int(step, "step", 0)
     epoch, position = divmod(step, self._steps_per_epoch)
     start = position * self._batch_size
-    indices = self.epoch_order(epoch)[start:start + self._batch_size]
+    indices = self._shard(self.epoch_order(epoch)[start:start + self._batch_size])
     return {key: value[indices] for key, value in self._arrays.items()}
+
+  def _shard(self, indices: np.ndarray) -> np.ndarray:
+    """The shard's contiguous part of ``indices`` (all of it for one shard)."""
+    if self._num_shards == 1:
+      return indices
+    bounds = np.linspace(0, len(indices), self._num_shards + 1).round().astype(int)
+    return indices[bounds[self._shard_index]:bounds[self._shard_index + 1]]
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Endless batches of steps ``start_step``, ``start_step + 1``, ..."""
@@ -137,7 +167,107 @@ class EpochBatcher:
     Ignores ``shuffle`` and ``drop_remainder``: batches of ``batch_size``
     consecutive examples, the last one smaller when ``batch_size`` does not
     divide the number of examples, so each example is visited exactly once.
+    With several shards, shard k visits the k-th contiguous part of every
+    batch, so together the shards visit each example exactly once.
     """
     for start in range(0, self._num_examples, self._batch_size):
-      yield {key: value[start:start + self._batch_size]
+      indices = self._shard(
+          np.arange(start, min(start + self._batch_size, self._num_examples)))
+      yield {key: value[indices[0]:indices[-1] + 1] if len(indices) else value[:0]
              for key, value in self._arrays.items()}
+
+
+def split_for_devices(batch: Mapping[str, np.ndarray],
+                      num_devices: int) -> dict[str, np.ndarray]:
+  """Reshape a batch ``[batch, ...]`` to ``[num_devices, batch // num_devices, ...]``.
+
+  For ``jax.pmap``-style steps, where the leading axis is the device axis.
+
+  Raises:
+    ValueError: the batch does not divide evenly over the devices.
+  """
+  num_devices = _check_int(num_devices, "num_devices", 1)
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    if value.ndim == 0 or value.shape[0] % num_devices:
+      raise ValueError(
+          f"batch[{key!r}] of shape {value.shape} does not split over "
+          f"{num_devices} devices; make the per-process batch a multiple of "
+          "the local device count.")
+    out[key] = value.reshape(num_devices, value.shape[0] // num_devices,
+                             *value.shape[1:])
+  return out
+
+
+class Prefetcher:
+  """Runs an iterator in a background thread, ``buffer_size`` items ahead.
+
+  The training loop then never waits for the input pipeline as long as the
+  pipeline is faster than a step. An exception raised by the iterator is
+  re-raised in the consumer at the item where it happened. Use as an iterator
+  and ``close()`` it (or use ``with``) to stop the thread early.
+
+  Args:
+    iterator: any iterator (e.g. ``EpochBatcher.iterate(start_step)``).
+    buffer_size: items prepared ahead (>= 1).
+    transform: optional function applied in the background thread to each
+      item (e.g. ``split_for_devices`` or ``jax.device_put``).
+  """
+
+  _DONE = object()
+
+  def __init__(self, iterator, buffer_size: int = 2, transform=None):
+    self._buffer_size = _check_int(buffer_size, "buffer_size", 1)
+    self._queue = queue.Queue(maxsize=self._buffer_size)
+    self._stop = threading.Event()
+    self._iterator = iterator
+    self._transform = transform
+    self._thread = threading.Thread(target=self._work, daemon=True,
+                                    name="geco_jax-prefetch")
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _work(self) -> None:
+    try:
+      for item in self._iterator:
+        if self._transform is not None:
+          item = self._transform(item)
+        if not self._put((item, None)):
+          return
+      self._put((self._DONE, None))
+    except BaseException as e:  # pylint: disable=broad-except
+      self._put((self._DONE, e))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._stop.is_set():
+      raise StopIteration
+    item, error = self._queue.get()
+    if item is self._DONE:
+      self._stop.set()
+      if error is not None:
+        raise error
+      raise StopIteration
+    return item
+
+  def close(self) -> None:
+    """Stop the background thread (idempotent)."""
+    self._stop.set()
+    self._thread.join(timeout=5)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
