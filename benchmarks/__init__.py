@@ -1,0 +1,1 @@
+"""Benchmarks that report numbers (never timed tests): `python -m benchmarks.<name>`."""
