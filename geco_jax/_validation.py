@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import jax
 import numpy as np
 
@@ -27,3 +29,14 @@ def check(tree, ok, message: str) -> None:
   for value in concrete_values(tree):
     if not ok(value):
       raise ValueError(f"{message}; got {value!r}.")
+
+
+def check_int(value, name: str, minimum: int) -> int:
+  """``value`` as an int, or ``ValueError`` if it is not an integer >= ``minimum``."""
+  try:
+    value = operator.index(value)
+  except TypeError:
+    raise ValueError(f"{name} must be an integer; got {value!r}.") from None
+  if value < minimum:
+    raise ValueError(f"{name} must be at least {minimum}; got {value}.")
+  return value

@@ -12,24 +12,15 @@ no iterator state to checkpoint.
 from __future__ import annotations
 
 import math
-import operator
 import queue
 import threading
 from typing import Iterator, Mapping
 
 import numpy as np
 
+from geco_jax._validation import check_int
+
 __all__ = ["EpochBatcher", "Prefetcher", "split_for_devices"]
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-  try:
-    value = operator.index(value)
-  except TypeError:
-    raise ValueError(f"{name} must be an integer; got {value!r}.") from None
-  if value < minimum:
-    raise ValueError(f"{name} must be at least {minimum}; got {value}.")
-  return value
 
 
 class EpochBatcher:
@@ -80,14 +71,14 @@ class EpochBatcher:
     num_examples = next(iter(lengths.values()))
     if num_examples < 1:
       raise ValueError("arrays hold no examples (length 0).")
-    batch_size = _check_int(batch_size, "batch_size", 1)
+    batch_size = check_int(batch_size, "batch_size", 1)
     if drop_remainder and batch_size > num_examples:
       raise ValueError(
           f"batch_size {batch_size} is larger than the {num_examples} "
           "examples, so drop_remainder=True would leave no batch; use a "
           "smaller batch_size or drop_remainder=False.")
-    num_shards = _check_int(num_shards, "num_shards", 1)
-    shard_index = _check_int(shard_index, "shard_index", 0)
+    num_shards = check_int(num_shards, "num_shards", 1)
+    shard_index = check_int(shard_index, "shard_index", 0)
     if shard_index >= num_shards:
       raise ValueError(
           f"shard_index must be below num_shards ({num_shards}); got {shard_index}.")
@@ -99,7 +90,7 @@ class EpochBatcher:
     self._arrays = arrays
     self._num_examples = num_examples
     self._batch_size = batch_size
-    self._seed = _check_int(seed, "seed", 0)
+    self._seed = check_int(seed, "seed", 0)
     self._shuffle = bool(shuffle)
     self._drop_remainder = bool(drop_remainder)
     if self._drop_remainder:
@@ -126,7 +117,7 @@ class EpochBatcher:
 
   def epoch_order(self, epoch: int) -> np.ndarray:
     """Indices of the examples in the order epoch ``epoch`` visits them."""
-    epoch = _check_int(epoch, "epoch", 0)
+    epoch = check_int(epoch, "epoch", 0)
     if epoch != self._cached_epoch:
       if self._shuffle:
         rng = np.random.default_rng([self._seed, epoch])
@@ -141,7 +132,7 @@ class EpochBatcher:
 
     A function of (seed, step) only; with one shard, the whole global batch.
     """
-    step = _check_int(step, "step", 0)
+    step = check_int(step, "step", 0)
     epoch, position = divmod(step, self._steps_per_epoch)
     start = position * self._batch_size
     indices = self._shard(self.epoch_order(epoch)[start:start + self._batch_size])
@@ -156,7 +147,7 @@ class EpochBatcher:
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Endless batches of steps ``start_step``, ``start_step + 1``, ..."""
-    step = _check_int(start_step, "start_step", 0)
+    step = check_int(start_step, "start_step", 0)
     while True:
       yield self.batch_at(step)
       step += 1
@@ -186,7 +177,7 @@ def split_for_devices(batch: Mapping[str, np.ndarray],
   Raises:
     ValueError: the batch does not divide evenly over the devices.
   """
-  num_devices = _check_int(num_devices, "num_devices", 1)
+  num_devices = check_int(num_devices, "num_devices", 1)
   out = {}
   for key, value in batch.items():
     value = np.asarray(value)
@@ -218,7 +209,7 @@ class Prefetcher:
   _DONE = object()
 
   def __init__(self, iterator, buffer_size: int = 2, transform=None):
-    self._buffer_size = _check_int(buffer_size, "buffer_size", 1)
+    self._buffer_size = check_int(buffer_size, "buffer_size", 1)
     self._queue = queue.Queue(maxsize=self._buffer_size)
     self._stop = threading.Event()
     self._iterator = iterator

@@ -52,10 +52,11 @@ threaded, NumPy 2.4, measured with::
 
 from __future__ import annotations
 
-import operator
 from typing import Sequence
 
 import numpy as np
+
+from geco_jax._validation import check_int
 
 __all__ = ["SHAPES", "make_sprites", "sprites_dataset"]
 
@@ -188,17 +189,6 @@ def _check_shapes(shapes) -> tuple[str, ...]:
   return shapes
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-  try:
-    value = operator.index(value)
-  except TypeError:
-    raise ValueError(
-        f"{name} must be an integer; got {value!r}.") from None
-  if value < minimum:
-    raise ValueError(f"{name} must be at least {minimum}; got {value}.")
-  return value
-
-
 def make_sprites(
     num_examples: int,
     *,
@@ -229,9 +219,9 @@ def make_sprites(
     ValueError: for ``num_examples < 1``, ``image_size < 8``, an unknown,
       repeated or missing shape name, or a negative seed.
   """
-  num_examples = _check_int(num_examples, "num_examples", 1)
-  image_size = _check_int(image_size, "image_size", MIN_IMAGE_SIZE)
-  seed = _check_int(seed, "seed", 0)
+  num_examples = check_int(num_examples, "num_examples", 1)
+  image_size = check_int(image_size, "image_size", MIN_IMAGE_SIZE)
+  seed = check_int(seed, "seed", 0)
   shapes = _check_shapes(shapes)
 
   # One row of uniforms per example: shape, scale, rotation, x, y.
@@ -302,7 +292,7 @@ def sprites_dataset(
     ValueError: as ``make_sprites``, naming ``num_train`` or ``num_test``
       when a count is below 1.
   """
-  seed = _check_int(seed, "seed", 0)
+  seed = check_int(seed, "seed", 0)
   splits = {}
   for name, count, split_seed in (("train", num_train, 2 * seed),
                                   ("test", num_test, 2 * seed + 1)):
