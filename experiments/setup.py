@@ -18,7 +18,7 @@ import optax
 
 import geco_jax
 from geco_jax import constraints as constraints_lib
-from geco_jax.data import sprites
+from geco_jax.data import load_dataset
 from geco_jax.models import ConvVAE
 from geco_jax.models import VAEOutput
 
@@ -121,8 +121,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def make_dataset(config: ml_collections.ConfigDict) -> dict:
   """{'train': {'image': ...}, 'test': {'image': ...}} as NumPy arrays."""
   data = config.dataset
-  return sprites.sprites_dataset(
-      data.num_train, data.num_test, image_size=data.image_size, seed=config.seed)
+  return load_dataset(data.name, source="generated", num_train=data.num_train,
+                      num_test=data.num_test, image_size=data.image_size,
+                      seed=config.seed)
 
 
 def make_model(config: ml_collections.ConfigDict):
