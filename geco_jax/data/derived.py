@@ -44,6 +44,7 @@ from __future__ import annotations
 import numpy as np
 
 from geco_jax._validation import check_int
+from geco_jax.data._portable_math import taylor_sin_cos
 
 __all__ = [
     "NUM_CLASSES",
@@ -429,14 +430,7 @@ def _sin_cos_degrees(degrees: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """
   degrees = np.mod(np.asarray(degrees, np.float64), 360.0)
   quadrant = np.minimum(np.floor(degrees / 90.0), 3.0)
-  t = (degrees - 90.0 * quadrant) * (np.pi / 180.0)
-  t2 = t * t
-  sin = np.ones_like(t)
-  cos = np.ones_like(t)
-  for k in range(13, 0, -1):
-    sin = 1.0 - t2 * sin / ((2 * k) * (2 * k + 1))
-    cos = 1.0 - t2 * cos / ((2 * k - 1) * (2 * k))
-  sin = t * sin
+  sin, cos = taylor_sin_cos((degrees - 90.0 * quadrant) * (np.pi / 180.0), terms=13)
   # Turning by q quarter turns maps (cos, sin) -> (-sin, cos) q times.
   quadrant = quadrant.astype(np.int64)
   out_cos = np.choose(quadrant, [cos, -sin, -cos, sin])

@@ -57,6 +57,7 @@ from typing import Sequence
 import numpy as np
 
 from geco_jax._validation import check_int
+from geco_jax.data._portable_math import taylor_sin_cos
 
 __all__ = ["SHAPES", "make_sprites", "sprites_dataset"]
 
@@ -97,15 +98,9 @@ def _sin_cos(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   A Taylor polynomial of degree 27/28 about pi (error below 1e-14), so that
   the result does not depend on the platform's ``sin``/``cos``.
   """
-  t = np.asarray(theta, np.float64) - np.pi   # in [-pi, pi]
-  t2 = t * t
-  sin = np.ones_like(t)
-  cos = np.ones_like(t)
-  for k in range(14, 0, -1):
-    sin = 1.0 - t2 * sin / ((2 * k) * (2 * k + 1))
-    cos = 1.0 - t2 * cos / ((2 * k - 1) * (2 * k))
+  sin, cos = taylor_sin_cos(np.asarray(theta, np.float64) - np.pi, terms=14)
   # sin(t + pi) = -sin(t), cos(t + pi) = -cos(t).
-  return -(t * sin), -cos
+  return -sin, -cos
 
 
 def _inside(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
