@@ -32,19 +32,19 @@ class ConfigError(ValueError):
   """A config that cannot be run; the message says which field and why."""
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
   if not ok:
     raise ConfigError(message)
 
 
-def _positive_int(config, name: str) -> None:
+def _positive_int(config, name: str, prefix: str = "") -> None:
   value = config[name]
-  _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-           f"config.{name} must be a positive integer; got {value!r}.")
+  require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+           f"config.{prefix}{name} must be a positive integer; got {value!r}.")
 
 
-def _positive(value, name: str) -> None:
-  _require(isinstance(value, (int, float)) and not isinstance(value, bool)
+def positive(value, name: str) -> None:
+  require(isinstance(value, (int, float)) and not isinstance(value, bool)
            and math.isfinite(value) and value > 0,
            f"config.{name} must be a positive number; got {value!r}.")
 
@@ -52,64 +52,64 @@ def _positive(value, name: str) -> None:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raise ``ConfigError`` for the first field that makes no sense."""
   for name in ("seed",):
-    _require(isinstance(config[name], int), f"config.{name} must be an integer.")
+    require(isinstance(config[name], int), f"config.{name} must be an integer.")
   for name in ("batch_size", "num_steps", "log_every", "image_every",
                "checkpoint_every", "max_checkpoints_to_keep", "num_image_samples"):
     _positive_int(config, name)
 
   data = config.dataset
-  _require(data.name in DATASETS,
+  require(data.name in DATASETS,
            f"config.dataset.name must be one of {DATASETS}; got {data.name!r}.")
-  _require(isinstance(data.image_size, int) and data.image_size >= 8
+  require(isinstance(data.image_size, int) and data.image_size >= 8
            and data.image_size % 4 == 0,
            "config.dataset.image_size must be a multiple of 4, at least 8; got "
            f"{data.image_size!r}.")
   for name in ("num_train", "num_test"):
-    _positive_int(data, name)
-  _require(config.batch_size <= data.num_train,
+    _positive_int(data, name, "dataset.")
+  require(config.batch_size <= data.num_train,
            f"config.batch_size ({config.batch_size}) exceeds "
            f"config.dataset.num_train ({data.num_train}).")
 
   model = config.model
-  _require(model.name in MODELS,
+  require(model.name in MODELS,
            f"config.model.name must be one of {MODELS}; got {model.name!r}.")
-  _positive_int(model, "latent_size")
-  _positive_int(model, "hidden_size")
-  _require(len(model.channels) == 2 and all(
+  _positive_int(model, "latent_size", "model.")
+  _positive_int(model, "hidden_size", "model.")
+  require(len(model.channels) == 2 and all(
       isinstance(c, int) and c >= 1 for c in model.channels),
            f"config.model.channels must be two positive integers; got {model.channels!r}.")
 
-  _positive(config.optimizer.learning_rate, "optimizer.learning_rate")
+  positive(config.optimizer.learning_rate, "optimizer.learning_rate")
 
   geco = config.geco
-  _positive(geco.lambda_lr, "geco.lambda_lr")
-  _positive(geco.lambda_init, "geco.lambda_init")
-  _require(isinstance(geco.alpha, (int, float)) and 0 <= geco.alpha < 1,
+  positive(geco.lambda_lr, "geco.lambda_lr")
+  positive(geco.lambda_init, "geco.lambda_init")
+  require(isinstance(geco.alpha, (int, float)) and 0 <= geco.alpha < 1,
            f"config.geco.alpha must be in [0, 1); got {geco.alpha!r}.")
   for name in ("lambda_min", "lambda_max"):
     if geco[name] is not None:
-      _positive(geco[name], f"geco.{name}")
+      positive(geco[name], f"geco.{name}")
   if geco.lambda_min is not None and geco.lambda_max is not None:
-    _require(geco.lambda_min <= geco.lambda_init <= geco.lambda_max,
+    require(geco.lambda_min <= geco.lambda_init <= geco.lambda_max,
              "config.geco needs lambda_min <= lambda_init <= lambda_max; got "
              f"{geco.lambda_min}, {geco.lambda_init}, {geco.lambda_max}.")
-  _require(geco.dual in DUALS,
+  require(geco.dual in DUALS,
            f"config.geco.dual must be one of {DUALS}; got {geco.dual!r}.")
-  _require(geco.pi_kp >= 0, f"config.geco.pi_kp must be >= 0; got {geco.pi_kp!r}.")
+  require(geco.pi_kp >= 0, f"config.geco.pi_kp must be >= 0; got {geco.pi_kp!r}.")
 
-  _require(len(config.constraints) >= 1,
+  require(len(config.constraints) >= 1,
            "config.constraints is empty: GECO needs at least one constraint.")
   for name, spec in config.constraints.items():
-    _require(name in CONSTRAINTS,
+    require(name in CONSTRAINTS,
              f"config.constraints.{name}: unknown constraint; known: {CONSTRAINTS}.")
     tolerance = spec.get("tolerance")
-    _require(isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool),
+    require(isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool),
              f"config.constraints.{name}.tolerance must be a number; got {tolerance!r}.")
     if name in ("re", "fre", "kl"):
-      _require(tolerance >= 0,
+      require(tolerance >= 0,
                f"config.constraints.{name}.tolerance must be >= 0; got {tolerance!r}.")
     elif name == "pncc":
-      _require(-1 <= tolerance <= 1,
+      require(-1 <= tolerance <= 1,
                f"config.constraints.pncc.tolerance must be in [-1, 1]; got {tolerance!r}.")
     elif name == "cla":
       raise ConfigError(

@@ -1,8 +1,23 @@
 """VAE models. Every model returns a ``VAEOutput`` so trainers treat them alike."""
 
+from geco_jax.models.classifier import MNISTClassifier
+from geco_jax.models.classifier import load_classifier
+from geco_jax.models.classifier import load_probability_fn
+from geco_jax.models.classifier import make_probability_fn
+from geco_jax.models.classifier import save_classifier
 from geco_jax.models.common import VAEOutput
 from geco_jax.models.common import gaussian_kl
 from geco_jax.models.conv_vae import ConvVAE
 from geco_jax.models.vae_nvp import VAENVP
 
-__all__ = ["ConvVAE", "VAENVP", "VAEOutput", "gaussian_kl"]
+__all__ = [
+    "ConvVAE",
+    "MNISTClassifier",
+    "VAENVP",
+    "VAEOutput",
+    "gaussian_kl",
+    "load_classifier",
+    "load_probability_fn",
+    "make_probability_fn",
+    "save_classifier",
+]

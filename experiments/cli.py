@@ -1,0 +1,73 @@
+"""What every experiment's command line shares: the flags, one-line errors, quiet logs.
+
+``--config`` (an ml_collections config file, locked, with ``--config.x=y``
+overrides) and ``--workdir`` are defined here once, so experiments can be
+imported together. A bad flag, a config that does not load or a value that
+makes no sense ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import ml_collections  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs and checkpoints.")
+CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/*.py).", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+USAGE_ERROR = 2
+
+
+def fail(message: str) -> None:
+  """One line on stderr, exit status 2."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(USAGE_ERROR)
+
+
+def parse_flags(argv):
+  """Parse flags; a bad flag or config is one line and exit status 2, not a traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+  except (OSError, ImportError, SyntaxError, AttributeError, KeyError, TypeError,
+          ValueError) as e:  # Raised while loading a broken config module.
+    fail(f"could not load the config: {type(e).__name__}: {e}")
+
+
+def config_or_fail() -> ml_collections.ConfigDict:
+  """The parsed ``--config``, or one line and exit status 2 if it did not load."""
+  config = CONFIG.value
+  if isinstance(config, ml_collections.ConfigDict):
+    return config
+  # config_flags defers a load failure (missing file, broken module) to the
+  # first use of the config; report it now, in one line.
+  try:
+    config.seed  # pylint: disable=pointless-statement
+    reason = ""
+  except OSError as e:
+    reason = " ".join(str(e.__cause__ or e).split())
+  except Exception:  # pylint: disable=broad-except
+    reason = ""
+  reason = reason or f"get_config() returned {type(config).__name__}, not a ConfigDict"
+  fail(f"could not load --config={FLAGS['config'].serialize().split('=', 1)[-1]}: "
+       f"{reason}")
+
+
+def quiet_library_logs() -> None:
+  """Drop the INFO chatter of orbax (a dozen lines per checkpoint); keep warnings."""
+
+  def keep(record) -> bool:
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+  logging.get_absl_handler().python_handler.addFilter(keep)

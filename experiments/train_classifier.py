@@ -1,0 +1,332 @@
+r"""Train the MNIST classifier of the CLA constraint from an ml_collections config.
+
+  GECO_DATA_DIR=/path/to/data python -m experiments.train_classifier \
+      --config configs/mnist_classifier.py --workdir runs/mnist_classifier
+
+Trains ``geco_jax.models.classifier.MNISTClassifier`` with Adam, evaluates it
+on the whole test split after every epoch, prints one ``final: {json}`` line
+and saves it to ``<workdir>/classifier`` only if its test accuracy is at least
+``config.min_accuracy``; otherwise it exits with status 1 and leaves any
+classifier already there untouched. The run is a function of the config
+(``config.seed`` fixes the initialisation and the order of the batches).
+
+As in ``experiments.main``: a config that does not exist, an override of a
+key that does not exist, a value of the wrong type or one that makes no sense,
+or data that cannot be found, ends with one line on stderr and exit status 2,
+before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import logging
+import ml_collections
+
+# The --config and --workdir flags and the one-line errors shared by experiments.
+from experiments import cli
+
+SOURCES = ("npz", "tfds")
+SCHEDULES = ("cosine", "constant")
+# 28x28 images halve at every conv block: 14, 7, 3, 1.
+MAX_CONV_BLOCKS = 4
+CLASSIFIER_DIR = "classifier"
+
+
+class AccuracyTooLowError(RuntimeError):
+  """The trained classifier missed config.min_accuracy; nothing was saved."""
+
+
+# --------------------------------------------------------------------------- #
+# Config.
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raise ``experiments.setup.ConfigError`` for the first field that makes no sense."""
+  # Imported here, as in experiments.main, so that --help and flag errors do
+  # not pay for importing JAX.
+  from experiments import setup
+  # setup's checks, so that both experiments word their errors alike.
+  require, positive = setup.require, setup.positive
+
+  def positive_int(value, name: str) -> None:
+    require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+        f"config.{name} must be a positive integer; got {value!r}.")
+
+  require(
+      isinstance(config.seed, int) and not isinstance(config.seed, bool)
+      and config.seed >= 0,
+      f"config.seed must be a non-negative integer; got {config.seed!r}.")
+  for name in ("batch_size", "num_epochs", "eval_batch_size"):
+    positive_int(config[name], name)
+  positive(config.learning_rate, "learning_rate")
+  require(
+      config.learning_rate_schedule in SCHEDULES,
+      f"config.learning_rate_schedule must be one of {SCHEDULES}; got "
+      f"{config.learning_rate_schedule!r}.")
+  require(
+      isinstance(config.min_accuracy, (int, float))
+      and not isinstance(config.min_accuracy, bool)
+      and 0 <= config.min_accuracy <= 1,
+      f"config.min_accuracy must be in [0, 1]; got {config.min_accuracy!r}.")
+
+  data = config.dataset
+  require(
+      data.source in SOURCES,
+      f"config.dataset.source must be one of {SOURCES}; got {data.source!r}.")
+  for name in ("num_train", "num_test"):
+    if data[name] is not None:  # None: the whole split.
+      positive_int(data[name], f"dataset.{name}")
+  if data.num_train is not None:
+    require(
+        config.batch_size <= data.num_train,
+        f"config.batch_size ({config.batch_size}) exceeds config.dataset.num_train "
+        f"({data.num_train}).")
+
+  model = config.model
+  features = tuple(model.features)
+  require(
+      1 <= len(features) <= MAX_CONV_BLOCKS and all(
+          isinstance(f, int) and not isinstance(f, bool) and f >= 1 for f in features),
+      f"config.model.features must be 1 to {MAX_CONV_BLOCKS} positive integers "
+      f"(28x28 images halve at every block); got {model.features!r}.")
+  positive_int(model.hidden_size, "model.hidden_size")
+
+
+def load_data(config: ml_collections.ConfigDict) -> dict:
+  """MNIST ``{'train': {'image', 'label'}, 'test': {...}}``, cut to the configured sizes.
+
+  Raises:
+    geco_jax.data.DatasetNotFoundError: the source does not have MNIST.
+    experiments.setup.ConfigError: num_train or num_test exceeds the split.
+  """
+  from experiments import setup
+  from geco_jax.data import load_dataset
+  require = setup.require
+
+  data = load_dataset("mnist", source=config.dataset.source,
+                      data_dir=config.dataset.data_dir)
+  for split, size in (("train", config.dataset.num_train),
+                      ("test", config.dataset.num_test)):
+    available = len(data[split]["label"])
+    if size is not None:
+      require(
+          size <= available,
+          f"config.dataset.num_{split} ({size}) exceeds the {available} examples "
+          f"of MNIST's {split} split.")
+      # The first examples, in the file's order: the same subset every run.
+      data[split] = {key: value[:size] for key, value in data[split].items()}
+  require(
+      config.batch_size <= len(data["train"]["label"]),
+      f"config.batch_size ({config.batch_size}) exceeds the "
+      f"{len(data['train']['label'])} training examples.")
+  return data
+
+
+# --------------------------------------------------------------------------- #
+# Training.
+
+
+def evaluate(params, test: dict, batch_size: int, *, model) -> dict[str, float]:
+  """Accuracy and mean cross-entropy over the whole split, each example once."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from geco_jax.data import EpochBatcher
+
+  @jax.jit
+  def sums(params, images, labels):
+    logits = model.apply(params, images)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = jnp.argmax(logits, axis=-1) == labels
+    return jnp.sum(correct), jnp.sum(loss)
+
+  batches = EpochBatcher(test, batch_size, seed=0, shuffle=False,
+                         drop_remainder=False)
+  # Summed on the device; one transfer at the end.
+  totals = [sums(params, b["image"], b["label"]) for b in batches.iterate_once()]
+  correct, loss = (sum(float(v) for v in values)
+                   for values in zip(*jax.device_get(totals)))
+  count = batches.num_examples
+  return {"accuracy": correct / count, "loss": loss / count, "examples": count}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       command: str = "", data: dict | None = None) -> dict[str, Any]:
+  """Train, evaluate every epoch, save ``<workdir>/classifier`` if accurate enough.
+
+  Args:
+    config: a config of ``configs/mnist_classifier.py``.
+    workdir: where the classifier is saved.
+    command: the command line that ran this, recorded in the metadata.
+    data: ``load_data(config)``, if already loaded.
+
+  Returns:
+    The final summary: test accuracy and loss, epochs, steps, seconds and the
+    path of the saved classifier.
+
+  Raises:
+    experiments.setup.ConfigError: a bad config.
+    geco_jax.data.DatasetNotFoundError: no MNIST where the source looked.
+    FloatingPointError: the training loss became non-finite.
+    AccuracyTooLowError: the test accuracy is below ``config.min_accuracy``;
+      its ``summary`` attribute holds the final summary, nothing was saved.
+  """
+  import flax
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  from geco_jax.data import EpochBatcher
+  from geco_jax.models import classifier as classifier_lib
+
+  validate_config(config)
+  started = time.time()
+  data = load_data(config) if data is None else data
+  train_batches = EpochBatcher(data["train"], config.batch_size, seed=config.seed)
+  num_steps = config.num_epochs * train_batches.steps_per_epoch
+
+  model = classifier_lib.MNISTClassifier(features=tuple(config.model.features),
+                                         hidden_size=config.model.hidden_size)
+  init_args = (jax.random.PRNGKey(config.seed),
+               jnp.zeros((1, *data["train"]["image"].shape[1:]), jnp.float32))
+  # Runs once, so compiled without XLA's backend optimisations: on a CPU they
+  # take ~6 s on the threefry of the initialisers and save nothing here. (The
+  # values may differ from an optimised build in the last bit, no more.)
+  params = jax.jit(model.init).lower(*init_args).compile(
+      compiler_options={"xla_backend_optimization_level": 0})(*init_args)
+  if config.learning_rate_schedule == "cosine":
+    learning_rate = optax.cosine_decay_schedule(config.learning_rate, num_steps)
+  else:
+    learning_rate = config.learning_rate
+  tx = optax.adam(learning_rate)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def train_step(params, opt_state, images, labels):
+    def loss_fn(params):
+      logits = model.apply(params, images)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  logging.info("Training MNISTClassifier(features=%s, hidden_size=%d), %d parameters, "
+               "on %d examples: %d epochs of %d steps.", tuple(model.features),
+               model.hidden_size, sum(x.size for x in jax.tree_util.tree_leaves(params)),
+               train_batches.num_examples, config.num_epochs,
+               train_batches.steps_per_epoch)
+  step = 0
+  for epoch in range(1, config.num_epochs + 1):
+    losses = []
+    for _ in range(train_batches.steps_per_epoch):
+      # JAX dispatches the step asynchronously, so the next batch is cut
+      # while the previous step runs.
+      batch = train_batches.batch_at(step)
+      params, opt_state, loss = train_step(params, opt_state, batch["image"],
+                                           batch["label"])
+      losses.append(loss)
+      step += 1
+    train_loss = float(np.mean(jax.device_get(losses)))
+    if not math.isfinite(train_loss):
+      raise FloatingPointError(
+          f"training diverged: non-finite loss in epoch {epoch}; nothing saved. "
+          "Try a smaller config.learning_rate.")
+    test = evaluate(params, data["test"], config.eval_batch_size, model=model)
+    logging.info("epoch %d/%d (step %d): train loss %.4f, test loss %.4f, test "
+                 "accuracy %.4f, %.0f s", epoch, config.num_epochs, step,
+                 train_loss, test["loss"], test["accuracy"], time.time() - started)
+
+  # The last epoch's evaluation is the final one: the parameters have not changed.
+  summary = {
+      "test_accuracy": test["accuracy"],
+      "test_loss": test["loss"],
+      "test_examples": test["examples"],
+      "train_loss": train_loss,
+      "train_examples": train_batches.num_examples,
+      "epochs": config.num_epochs,
+      "steps": step,
+      "min_accuracy": config.min_accuracy,
+      "seconds": round(time.time() - started, 1),
+      "saved": None,
+  }
+  if test["accuracy"] < config.min_accuracy:
+    error = AccuracyTooLowError(
+        f"test accuracy {test['accuracy']:.4f} is below config.min_accuracy="
+        f"{config.min_accuracy}; the classifier was not saved (nothing in "
+        f"{os.path.join(workdir, CLASSIFIER_DIR)} was changed).")
+    error.summary = summary
+    raise error
+
+  metadata = {
+      **{key: summary[key] for key in ("test_accuracy", "test_loss", "test_examples",
+                                       "train_examples", "epochs", "steps", "seconds")},
+      "architecture": classifier_lib.architecture_of(model),
+      "dataset": {"name": "mnist", "source": config.dataset.source},
+      "command": command,
+      "config": config.to_dict(),
+      "versions": {"jax": jax.__version__, "flax": flax.__version__,
+                   "optax": optax.__version__},
+      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+  }
+  summary["saved"] = classifier_lib.save_classifier(
+      os.path.join(workdir, CLASSIFIER_DIR), jax.device_get(params), metadata)
+  return summary
+
+
+# --------------------------------------------------------------------------- #
+# Command line.
+
+
+def _command_line(config: ml_collections.ConfigDict) -> str:
+  """This run's command, to record in the classifier's metadata."""
+  command = "python -m experiments.train_classifier " + shlex.join(sys.argv[1:])
+  data_dir = os.environ.get("GECO_DATA_DIR")
+  if (data_dir and config.dataset.source == "npz"
+      and config.dataset.data_dir is None):
+    command = f"GECO_DATA_DIR={shlex.quote(data_dir)} {command}"
+  return command
+
+
+def main(argv):
+  fail = cli.fail
+  if len(argv) > 1:
+    fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = cli.config_or_fail()
+  from experiments import setup
+  from geco_jax.data import DatasetNotFoundError
+
+  try:
+    validate_config(config)
+    data = load_data(config)
+  except (setup.ConfigError, DatasetNotFoundError) as e:
+    fail(" ".join(str(e).split()))
+  cli.quiet_library_logs()
+  logging.info("Config:\n%s", config)
+  try:
+    summary = train_and_evaluate(config, cli.WORKDIR.value,
+                                 command=_command_line(config), data=data)
+  except AccuracyTooLowError as e:
+    print("final: " + json.dumps(e.summary, sort_keys=True), flush=True)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except (FloatingPointError, OSError) as e:  # Diverged, or the save failed.
+    print(f"error: {type(e).__name__}: {e}" if isinstance(e, OSError) else f"error: {e}",
+          file=sys.stderr)
+    sys.exit(1)
+  print("final: " + json.dumps(summary, sort_keys=True), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)
