@@ -68,12 +68,12 @@ def main(argv):
 
   config = default.get_config()
   config.batch_size = _BATCH.value
-  model, tx = setup.make_model(config), setup.make_optimizer(config)
+  model, tx = setup.make_model(config, images.shape[1:]), setup.make_optimizer(config)
   state = train.create_train_state(config, model, tx, images.shape[1:])
   step_fn = jax.jit(functools.partial(
       train.train_step, model=model, tx=tx,
       constraint_fn=setup.make_constraint_fn(config)))
-  batch = jax.device_put(batcher.batch_at(0)["image"])
+  batch = jax.device_put({"image": batcher.batch_at(0)["image"]})
 
   def one_step():
     nonlocal state

@@ -35,6 +35,8 @@ def main(argv):
   logging.info("Config:\n%s", config)
   try:
     summary = train.train_and_evaluate(config, cli.WORKDIR.value)
+  except setup.ConfigError as e:  # E.g. the dataset is missing from its source.
+    cli.fail(str(e))
   except FloatingPointError as e:  # Diverged: reported, the checkpoints kept.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

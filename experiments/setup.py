@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Callable
 
 import jax.numpy as jnp
@@ -18,11 +19,15 @@ import optax
 
 import geco_jax
 from geco_jax import constraints as constraints_lib
+from geco_jax.data import DatasetNotFoundError
 from geco_jax.data import load_dataset
+from geco_jax.models import classifier as classifier_lib
 from geco_jax.models import ConvVAE
 from geco_jax.models import VAEOutput
 
-DATASETS = ("sprites",)
+DATASETS = ("sprites", "mnist", "fashion_mnist")
+SOURCES = {"sprites": ("generated",), "mnist": ("npz", "tfds"),
+           "fashion_mnist": ("npz", "tfds")}
 MODELS = ("conv_vae",)
 DUALS = ("sgd", "pi")
 CONSTRAINTS = ("re", "fre", "pncc", "kl", "cla")
@@ -60,15 +65,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   data = config.dataset
   require(data.name in DATASETS,
            f"config.dataset.name must be one of {DATASETS}; got {data.name!r}.")
-  require(isinstance(data.image_size, int) and data.image_size >= 8
-           and data.image_size % 4 == 0,
-           "config.dataset.image_size must be a multiple of 4, at least 8; got "
-           f"{data.image_size!r}.")
-  for name in ("num_train", "num_test"):
-    _positive_int(data, name, "dataset.")
-  require(config.batch_size <= data.num_train,
-           f"config.batch_size ({config.batch_size}) exceeds "
-           f"config.dataset.num_train ({data.num_train}).")
+  require(data.source in SOURCES[data.name],
+          f"config.dataset.source must be one of {SOURCES[data.name]} for "
+          f"{data.name}; got {data.source!r}.")
+  if data.name == "sprites":
+    require(isinstance(data.image_size, int) and data.image_size >= 8
+            and data.image_size % 4 == 0,
+            "config.dataset.image_size must be a multiple of 4, at least 8; got "
+            f"{data.image_size!r}.")
+    for name in ("num_train", "num_test"):
+      _positive_int(data, name, "dataset.")
+    require(config.batch_size <= data.num_train,
+            f"config.batch_size ({config.batch_size}) exceeds "
+            f"config.dataset.num_train ({data.num_train}).")
 
   model = config.model
   require(model.name in MODELS,
@@ -102,6 +111,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name, spec in config.constraints.items():
     require(name in CONSTRAINTS,
              f"config.constraints.{name}: unknown constraint; known: {CONSTRAINTS}.")
+    if "lambda_lr" in spec:
+      positive(spec.lambda_lr, f"constraints.{name}.lambda_lr")
     tolerance = spec.get("tolerance")
     require(isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool),
              f"config.constraints.{name}.tolerance must be a number; got {tolerance!r}.")
@@ -112,53 +123,74 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       require(-1 <= tolerance <= 1,
                f"config.constraints.pncc.tolerance must be in [-1, 1]; got {tolerance!r}.")
     elif name == "cla":
-      raise ConfigError(
-          "config.constraints.cla: the CLA constraint needs a trained MNIST "
-          "classifier and labelled data, which the sprites experiment does not "
-          "have yet; use re, fre, pncc or kl.")
+      require(0 <= tolerance <= 1,
+              f"config.constraints.cla.tolerance must be in [0, 1]; got {tolerance!r}.")
+      require(data.name == "mnist",
+              "config.constraints.cla needs labelled MNIST (config.dataset.name="
+              f"'mnist'), as its classifier is an MNIST classifier; got {data.name!r}.")
+      path = spec.get("classifier")
+      require(isinstance(path, str) and os.path.isdir(path),
+              f"config.constraints.cla.classifier: no trained classifier at {path!r}; "
+              f"train one with: {classifier_lib.TRAIN_COMMAND}")
 
 
 def make_dataset(config: ml_collections.ConfigDict) -> dict:
-  """{'train': {'image': ...}, 'test': {'image': ...}} as NumPy arrays."""
+  """{'train': {'image': ...}, 'test': {'image': ...}} as NumPy arrays.
+
+  Raises:
+    ConfigError: the dataset is missing from its source (says where it looked).
+  """
   data = config.dataset
-  return load_dataset(data.name, source="generated", num_train=data.num_train,
-                      num_test=data.num_test, image_size=data.image_size,
-                      seed=config.seed)
+  if data.name == "sprites":
+    return load_dataset(data.name, source=data.source, num_train=data.num_train,
+                        num_test=data.num_test, image_size=data.image_size,
+                        seed=config.seed)
+  try:
+    return load_dataset(data.name, source=data.source, data_dir=data.get("data_dir"))
+  except DatasetNotFoundError as e:
+    raise ConfigError(" ".join(str(e).split())) from e
 
 
-def make_model(config: ml_collections.ConfigDict):
-  size = config.dataset.image_size
-  return ConvVAE(image_shape=(size, size, 1), latent_size=config.model.latent_size,
+def make_model(config: ml_collections.ConfigDict, image_shape):
+  return ConvVAE(image_shape=tuple(image_shape), latent_size=config.model.latent_size,
                  channels=tuple(config.model.channels),
                  hidden_size=config.model.hidden_size)
 
 
 def make_constraint_fn(
     config: ml_collections.ConfigDict) -> Callable[[jnp.ndarray, VAEOutput], dict]:
-  """``fn(images, output) -> {name: batch mean of C}`` for the configured constraints."""
+  """``fn(batch, output) -> {name: batch mean of C}`` for the configured constraints.
+
+  ``batch`` holds ``'image'`` and, for CLA, ``'label'``.
+  """
   per_example = {}
   for name, spec in config.constraints.items():
     tolerance = float(spec.tolerance)
     if name == "re":
-      per_example[name] = lambda x, out, t=tolerance: constraints_lib.reconstruction_error(
-          x, out.reconstruction, t)
+      per_example[name] = lambda b, out, t=tolerance: constraints_lib.reconstruction_error(
+          b["image"], out.reconstruction, t)
     elif name == "fre":
       features = functools.partial(constraints_lib.local_image_statistics,
                                    patch_size=spec.get("patch_size", 4),
                                    stride=spec.get("stride", 2))
-      per_example[name] = lambda x, out, t=tolerance, f=features: (
-          constraints_lib.feature_reconstruction_error(x, out.reconstruction, t, f))
+      per_example[name] = lambda b, out, t=tolerance, f=features: (
+          constraints_lib.feature_reconstruction_error(b["image"], out.reconstruction,
+                                                       t, f))
     elif name == "pncc":
-      per_example[name] = lambda x, out, t=tolerance, s=spec: (
+      per_example[name] = lambda b, out, t=tolerance, s=spec: (
           constraints_lib.patch_normalized_cross_correlation(
-              x, out.reconstruction, t, patch_size=s.get("patch_size", 5),
+              b["image"], out.reconstruction, t, patch_size=s.get("patch_size", 5),
               stride=s.get("stride", 2)))
     elif name == "kl":
-      per_example[name] = lambda x, out, t=tolerance: constraints_lib.kl_divergence(
+      per_example[name] = lambda b, out, t=tolerance: constraints_lib.kl_divergence(
           out.kl, t)
+    elif name == "cla":
+      classifier = classifier_lib.load_probability_fn(spec.classifier)
+      per_example[name] = lambda b, out, t=tolerance, c=classifier: (
+          constraints_lib.classification_accuracy(out.reconstruction, b["label"], t, c))
 
-  def constraint_fn(images, output: VAEOutput) -> dict:
-    return {name: jnp.mean(fn(images, output)) for name, fn in per_example.items()}
+  def constraint_fn(batch, output: VAEOutput) -> dict:
+    return {name: jnp.mean(fn(batch, output)) for name, fn in per_example.items()}
 
   return constraint_fn
 
@@ -173,6 +205,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   if geco.dual == "pi":
     kwargs["dual_optimizer"] = geco_jax.dual.pi(geco.lambda_lr, kp=geco.pi_kp)
   else:
-    kwargs["lambda_lr"] = geco.lambda_lr
+    # One step size per constraint: each constraint's own units set its scale
+    # (RE sums squared pixel errors, CLA is a probability).
+    kwargs["lambda_lr"] = {
+        name: float(config.constraints[name].get("lambda_lr", geco.lambda_lr))
+        for name in names}
   return optax.chain(geco_jax.geco(**kwargs),
                      optax.adam(config.optimizer.learning_rate))

@@ -46,6 +46,11 @@ def _image_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
   return grid[None]
 
 
+def _model_inputs(batch: dict) -> dict:
+  """The parts of a batch the step reads (not, e.g., the sprites' factors)."""
+  return {key: batch[key] for key in ("image", "label") if key in batch}
+
+
 def create_train_state(config, model, tx, image_shape) -> TrainState:
   rng = jax.random.PRNGKey(config.seed)
   rng, init_rng, sample_rng = jax.random.split(rng, 3)
@@ -54,14 +59,16 @@ def create_train_state(config, model, tx, image_shape) -> TrainState:
                     opt_state=tx.init(params), rng=rng)
 
 
-def train_step(state: TrainState, images, *, model, tx, constraint_fn):
+def train_step(state: TrainState, batch, *, model, tx, constraint_fn):
   """One GECO step (Algorithm 1); returns the new state and this step's metrics."""
   rng, step_rng = jax.random.split(state.rng)
+
+  images = batch["image"]
 
   def loss_fn(params):
     output = model.apply(params, images, step_rng)
     kl = jnp.mean(output.kl)
-    constraint = constraint_fn(images, output)
+    constraint = constraint_fn(batch, output)
     loss = geco_jax.lagrangian(kl, constraint, state.opt_state)
     return loss, (kl, constraint, output)
 
@@ -89,9 +96,10 @@ def evaluate(state: TrainState, test: dict, batch_size: int, *, model, constrain
   """Means over the test split, iterated exactly once (one z per example)."""
 
   @jax.jit
-  def eval_batch(params, images, rng):
+  def eval_batch(params, batch, rng):
+    images = batch["image"]
     output = model.apply(params, images, rng)
-    constraint = constraint_fn(images, output)
+    constraint = constraint_fn(batch, output)
     return {"kl": jnp.mean(output.kl),
             "rmse": jnp.mean(per_pixel_rmse(images, output.reconstruction)),
             **{f"constraint/{k}": v for k, v in constraint.items()}}
@@ -101,7 +109,7 @@ def evaluate(state: TrainState, test: dict, batch_size: int, *, model, constrain
   batcher = EpochBatcher(test, batch_size, seed=seed, shuffle=False, drop_remainder=False)
   for i, batch in enumerate(batcher.iterate_once()):
     n = len(batch["image"])
-    values = jax.device_get(eval_batch(state.params, batch["image"],
+    values = jax.device_get(eval_batch(state.params, _model_inputs(batch),
                                        jax.random.fold_in(rng, i)))
     for key, value in values.items():
       totals[key] = totals.get(key, 0.0) + float(value) * n
@@ -127,17 +135,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   A run started again in the same workdir resumes from its newest checkpoint.
   """
   setup.validate_config(config)
-  workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   started = time.time()
 
   # Input ------------------------------------------------------------------ #
   data = setup.make_dataset(config)
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   image_shape = data["train"]["image"].shape[1:]
   train_batches = EpochBatcher(data["train"], config.batch_size, seed=config.seed)
 
   # Model and optimiser ---------------------------------------------------- #
-  model = setup.make_model(config)
+  model = setup.make_model(config, image_shape)
   tx = setup.make_optimizer(config)
   constraint_fn = setup.make_constraint_fn(config)
   state = create_train_state(config, model, tx, image_shape)
@@ -173,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     for step in range(first_step + 1, config.num_steps + 1):
       batch = next(batches)
-      state, metrics = step_fn(state, batch["image"])
+      state, metrics = step_fn(state, _model_inputs(batch))
       pending.append(metrics)
       report_progress(step, time.time())
       checkpoint_now = step % config.checkpoint_every == 0 or step == config.num_steps

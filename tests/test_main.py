@@ -104,3 +104,48 @@ def test_default_experiment_meets_its_constraint_within_five_minutes(tmp_path):
   assert summary["satisfied"], summary
   assert summary["eval"]["constraint/re"] <= 0, summary
   assert summary["seconds"] < 300, summary
+
+
+# --------------------------------------------------------------------------- #
+# Two constraints, one of them CLA, on MNIST
+# --------------------------------------------------------------------------- #
+
+DATA_DIR = os.environ.get("GECO_DATA_DIR")
+needs_mnist = pytest.mark.skipif(
+    not DATA_DIR or not os.path.exists(os.path.join(DATA_DIR or "", "mnist.npz")),
+    reason="GECO_DATA_DIR is unset or has no mnist.npz; set it to the shared data "
+           "directory (e.g. GECO_DATA_DIR=../shared/data) to run this test.")
+
+
+def test_cla_without_a_trained_classifier_says_how_to_train_one(tmp_path):
+  result = _run("--config", "configs/mnist_cla.py", "--workdir", str(tmp_path / "run"),
+                f"--config.constraints.cla.classifier={tmp_path / 'missing'}")
+  assert result.returncode == 2, result.stderr
+  assert "experiments.train_classifier" in result.stderr.strip().splitlines()[-1]
+
+
+def test_cla_needs_labelled_mnist(tmp_path):
+  result = _run("--config", "configs/mnist_cla.py", "--workdir", str(tmp_path / "run"),
+                "--config.dataset.name=sprites", "--config.dataset.source=generated")
+  assert result.returncode == 2
+  assert "labelled MNIST" in result.stderr
+
+
+@needs_mnist
+def test_re_and_cla_constraints_train_together(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from geco_jax.models import classifier as classifier_lib
+
+  # An untrained classifier is enough to check the wiring (not the accuracy).
+  model = classifier_lib.MNISTClassifier()
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  path = classifier_lib.save_classifier(
+      tmp_path / "classifier", params,
+      {"architecture": classifier_lib.architecture_of(model), "test_accuracy": 0.1})
+  result = _run("--config", "configs/mnist_cla.py", "--workdir", str(tmp_path / "run"),
+                f"--config.constraints.cla.classifier={path}", *SHORT[:-3])
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = _summary(result)
+  assert set(summary["lambda"]) == {"re", "cla"}
+  assert {"constraint/re", "constraint/cla"} <= set(summary["eval"])
