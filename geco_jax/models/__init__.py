@@ -8,13 +8,23 @@ from geco_jax.models.classifier import save_classifier
 from geco_jax.models.common import VAEOutput
 from geco_jax.models.common import gaussian_kl
 from geco_jax.models.conv_vae import ConvVAE
+from geco_jax.models.convdraw import PRESETS as CONVDRAW_PRESETS
+from geco_jax.models.convdraw import ConditionalConvDraw
+from geco_jax.models.convdraw import ConvDraw
+from geco_jax.models.convdraw import ConvDrawTrace
+from geco_jax.models.convdraw import convdraw_preset
 from geco_jax.models.vae_nvp import VAENVP
 
 __all__ = [
+    "CONVDRAW_PRESETS",
+    "ConditionalConvDraw",
+    "ConvDraw",
+    "ConvDrawTrace",
     "ConvVAE",
     "MNISTClassifier",
     "VAENVP",
     "VAEOutput",
+    "convdraw_preset",
     "gaussian_kl",
     "load_classifier",
     "load_probability_fn",

@@ -1,0 +1,437 @@
+r"""ConvDraw (Gregor et al. 2016, "Towards conceptual compression"), plain and conditional.
+
+A recurrent VAE with T steps. All recurrent state lives at half the image
+resolution (a stride-2 "read" convolution; 14x14 for MNIST, 16x16 for
+CIFAR-10); a canvas of logits at full resolution accumulates what the decoder
+writes. With x the image, sigmoid the logistic function, h^enc / h^dec the
+hidden states of two conv-LSTMs (zero at t = 0) and canvas_0 = 0, step
+t = 1..T is
+
+  e_t              = read_error(x - sigmoid(canvas_{t-1}))         (stride 2)
+  h^enc_t          = LSTM_enc([read_x(x), e_t, h^dec_{t-1}], h^enc_{t-1})
+  q(z_t | x, z_<t) = N(mu^q_t, diag(s^q_t)^2),  [mu^q_t, log s^q_t] = conv(h^enc_t)
+  p(z_t | z_<t)    = N(mu^p_t, diag(s^p_t)^2),  [mu^p_t, log s^p_t] = conv(h^dec_{t-1})
+  z_t              = mu_t + s_t * eps_t, eps_t ~ N(0, I); (mu_t, s_t) from q_t
+                     when encoding, from p_t when sampling
+  h^dec_t          = LSTM_dec([z_t], h^dec_{t-1})
+  canvas_t         = canvas_{t-1} + write(h^dec_t)                 (stride-2 transpose)
+
+and the reconstruction is g(z) = sigmoid(canvas_T) in [0, 1], the mean of the
+likelihood whose scale the objective owns (GECO's constraint or an ELBO). The
+prior is learned and autoregressive over steps, so the KL of the sequence
+factorises into analytic per-step terms (paper notes, section 5):
+
+  KL(q(z_1..T | x) || p(z_1..T)) = sum_t E_q[ KL(q_t || p_t) ],
+
+each KL(q_t || p_t) between diagonal Gaussians summed over the latent's
+positions and channels; ``kl`` is this sum evaluated on the sampled path
+(one-sample estimate of the outer expectation, analytic inside).
+
+The conditional model (``ConditionalConvDraw``) encodes one or more context
+images with a small conv net, averages the encodings over the context images,
+and concatenates the result to the inputs of the prior, the posterior and the
+decoder LSTM, as GQN's generator does (Eslami et al. 2018).
+
+Each conv-LSTM step computes all four gates with one convolution over its
+concatenated inputs and hidden state; everything is NHWC.
+
+Recurrence forms (``recurrence``), identical in value and gradient:
+- ``'unrolled'``: a Python loop over the steps (one submodule called T times).
+- ``'scan'``: ``nn.scan`` rolled (a ``jax.lax.scan`` loop in the compiled code).
+- ``'scan_unrolled'``: ``nn.scan`` with ``unroll=True``.
+On XLA:CPU the backward pass of a rolled scan over a conv-LSTM is much slower
+than the unrolled one (shared/docs/platform-notes.md), so ``'unrolled'`` is
+the default; see the measurements below. (Accelerators were not measured; a
+rolled scan, which compiles the step once, may pay off there for large T.)
+
+Presets (``convdraw_preset(name)``; dicts of constructor keyword arguments):
+  mnist_cpu            28x28x1, T=8,  hidden 32,  latent 8,  read 16, 3x3 kernels
+  mnist_accelerator    28x28x1, T=16, hidden 160, latent 12, read 64, 5x5 kernels
+  cifar10_cpu          32x32x3, T=8,  hidden 32,  latent 8,  read 16, 3x3 kernels
+  cifar10_accelerator  32x32x3, T=32, hidden 256, latent 16, read 64, 5x5 kernels
+
+Measured 2026-11-25 on the project's 2-core CPU, which other jobs shared (load
+average 1-3, then about 5): mnist_cpu, batch 32 of 28x28x1, one full training
+step (value_and_grad of a Gaussian ELBO + Adam, jitted), each run in a fresh
+process; compile = lower + compile of the step; steps/s after a warm-up step;
+3-6 runs per form, ranges shown.
+
+  python -m pytest tests/test_convdraw.py -m slow -s    # prints both per form
+
+                   compile (s)              steps/s
+                   load 1-3   load ~5       load 1-3      load ~5
+  'unrolled'       6.9-12.7   24-28         0.61-1.26     0.27-0.62
+  'scan_unrolled'  6.7-9.6    26-34         0.83-1.15     0.33-0.55
+  'scan' (rolled)  5.0-5.3    11-19         0.07-0.085    0.026-0.044
+
+With 5x5 kernels: 9.3-10.2 s and 0.48-0.52 steps/s (load ~1.7), 21-30 s and
+0.19-0.29 steps/s (load ~5), hence 3x3 in the CPU presets. Every compile was
+under the 60 s budget. The rolled scan compiles fastest but trains 10-15x
+slower (its backward pass); the two unrolled forms are indistinguishable, and
+the Python loop is the default because it is the simplest to read and debug.
+
+Usage:
+
+  model = ConvDraw(**convdraw_preset("mnist_cpu"))
+  params = model.init(init_rng, images, rng)
+  out = model.apply(params, images, rng)            # VAEOutput
+  kl_t = model.apply(params, images, rng, method=model.kl_per_step)   # [batch, T]
+  samples = model.apply(params, rng, 16, method=model.sample)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from geco_jax.models.common import VAEOutput
+from geco_jax.models.common import gaussian_kl
+
+RECURRENCES = ("unrolled", "scan", "scan_unrolled")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # 3x3 kernels on the CPU: 5x5 has 2.8x the FLOPs and measured about half
+    # the steps/s (module docstring); these presets are for tests, notebooks
+    # and short runs.
+    "mnist_cpu": dict(image_shape=(28, 28, 1), num_steps=8, hidden_channels=32,
+                      latent_channels=8, read_channels=16, kernel_size=3),
+    "mnist_accelerator": dict(image_shape=(28, 28, 1), num_steps=16,
+                              hidden_channels=160, latent_channels=12,
+                              read_channels=64, kernel_size=5),
+    "cifar10_cpu": dict(image_shape=(32, 32, 3), num_steps=8, hidden_channels=32,
+                        latent_channels=8, read_channels=16, kernel_size=3),
+    "cifar10_accelerator": dict(image_shape=(32, 32, 3), num_steps=32,
+                                hidden_channels=256, latent_channels=16,
+                                read_channels=64, kernel_size=5),
+}
+
+# Channels of the context encoding added by ``convdraw_preset(..., conditional=True)``.
+_CONTEXT_CHANNELS = {"mnist_cpu": 32, "mnist_accelerator": 128,
+                     "cifar10_cpu": 32, "cifar10_accelerator": 256}
+
+
+def convdraw_preset(name: str, conditional: bool = False) -> dict[str, Any]:
+  """Constructor keyword arguments of a named configuration (a fresh copy).
+
+  ``conditional=True`` adds ``context_channels`` for ``ConditionalConvDraw``.
+  """
+  if name not in PRESETS:
+    raise ValueError(f"Unknown ConvDraw preset {name!r}; choose from {sorted(PRESETS)}.")
+  kwargs = copy.deepcopy(PRESETS[name])
+  if conditional:
+    kwargs["context_channels"] = _CONTEXT_CHANNELS[name]
+  return kwargs
+
+
+class ConvDrawTrace(NamedTuple):
+  """Everything one encoding pass computes; per-step arrays are [batch, T, ...].
+
+  Attributes:
+    reconstruction: sigmoid(canvas_T), [batch, H, W, C].
+    kl: sum_t kl_per_step, [batch].
+    kl_per_step: KL(q_t || p_t) summed over positions and channels, [batch, T].
+    latent: z_t ~ q_t, [batch, T, H/2, W/2, latent_channels].
+    posterior_mean, posterior_log_std: of q_t, shaped like ``latent``.
+    prior_mean, prior_log_std: of p_t, shaped like ``latent``.
+  """
+
+  reconstruction: jax.Array
+  kl: jax.Array
+  kl_per_step: jax.Array
+  latent: jax.Array
+  posterior_mean: jax.Array
+  posterior_log_std: jax.Array
+  prior_mean: jax.Array
+  prior_log_std: jax.Array
+
+
+def _concat(*arrays):
+  """Concatenates along channels, skipping ``None`` (absent context)."""
+  return jnp.concatenate([a for a in arrays if a is not None], axis=-1)
+
+
+class ConvLSTMCell(nn.Module):
+  """Convolutional LSTM; the four gates come from one convolution.
+
+  [i, f, o, g] = conv([inputs..., h_{t-1}]);
+  c_t = sigmoid(f + 1) c_{t-1} + sigmoid(i) tanh(g);  h_t = sigmoid(o) tanh(c_t).
+  The +1 on the forget gate keeps the cell's memory open at initialisation.
+
+  Attributes:
+    features: channels of h and c.
+    kernel_size: side of the square gate kernel.
+  """
+
+  features: int
+  kernel_size: int
+
+  @nn.compact
+  def __call__(self, state, inputs):
+    """``state`` = (c, h), ``inputs`` a sequence of NHWC arrays (``None`` skipped)."""
+    cell, hidden = state
+    gates = nn.Conv(4 * self.features, (self.kernel_size, self.kernel_size),
+                    padding="SAME", name="gates")(_concat(*inputs, hidden))
+    input_gate, forget_gate, output_gate, candidate = jnp.split(gates, 4, axis=-1)
+    cell = (nn.sigmoid(forget_gate + 1.0) * cell
+            + nn.sigmoid(input_gate) * jnp.tanh(candidate))
+    hidden = nn.sigmoid(output_gate) * jnp.tanh(cell)
+    return cell, hidden
+
+
+class _ConvDrawStep(nn.Module):
+  """One step t of ConvDraw (the equations of the module docstring).
+
+  Called as ``step(carry, noise, x, x_read, context)`` where carry =
+  (encoder state, decoder state, canvas logits) and noise ~ N(0, I) is this
+  step's reparameterisation noise. With ``x`` None the step generates: z_t is
+  drawn from the prior and the encoder is skipped (its state stays None).
+  """
+
+  image_channels: int
+  hidden_channels: int
+  latent_channels: int
+  read_channels: int
+  kernel_size: int
+
+  def setup(self):
+    kernel = (self.kernel_size, self.kernel_size)
+    self.read_error = nn.Conv(self.read_channels, kernel, strides=(2, 2), name="read_error")
+    self.encoder = ConvLSTMCell(self.hidden_channels, self.kernel_size, name="encoder")
+    self.posterior = nn.Conv(2 * self.latent_channels, kernel, name="posterior")
+    self.prior = nn.Conv(2 * self.latent_channels, kernel, name="prior")
+    self.decoder = ConvLSTMCell(self.hidden_channels, self.kernel_size, name="decoder")
+    self.write = nn.ConvTranspose(self.image_channels, kernel, strides=(2, 2),
+                                  padding="SAME", name="write")
+
+  def __call__(self, carry, noise, x, x_read, context):
+    encoder_state, decoder_state, canvas = carry
+    previous_decoder_hidden = decoder_state[1]
+    prior_mean, prior_log_std = jnp.split(
+        self.prior(_concat(previous_decoder_hidden, context)), 2, axis=-1)
+    if x is None:
+      mean, log_std = prior_mean, prior_log_std
+    else:
+      # The encoder sees what the canvas still gets wrong, so later steps
+      # spend their latent on the residual (Gregor et al. 2016).
+      error_read = self.read_error(x - nn.sigmoid(canvas))
+      encoder_state = self.encoder(
+          encoder_state, (x_read, error_read, previous_decoder_hidden))
+      mean, log_std = jnp.split(
+          self.posterior(_concat(encoder_state[1], context)), 2, axis=-1)
+    z = mean + jnp.exp(log_std) * noise
+    decoder_state = self.decoder(decoder_state, (z, context))
+    canvas = canvas + self.write(decoder_state[1])
+    if x is None:
+      outputs = {"latent": z}
+    else:
+      outputs = {"latent": z, "posterior_mean": mean, "posterior_log_std": log_std,
+                 "prior_mean": prior_mean, "prior_log_std": prior_log_std,
+                 "kl": gaussian_kl(mean, log_std, prior_mean, prior_log_std)}
+    return (encoder_state, decoder_state, canvas), outputs
+
+
+class _ConvDrawCore(nn.Module):
+  """What ConvDraw and ConditionalConvDraw share: the read of x and the T steps."""
+
+  image_shape: Sequence[int] = (28, 28, 1)
+  num_steps: int = 8
+  hidden_channels: int = 32
+  latent_channels: int = 8
+  read_channels: int = 16
+  kernel_size: int = 3
+  recurrence: str = "unrolled"
+
+  def _setup_core(self):
+    height, width, channels = self.image_shape
+    if height % 2 or width % 2:
+      raise ValueError(
+          f"ConvDraw needs even image sides; got {tuple(self.image_shape)}.")
+    if self.num_steps < 1:
+      raise ValueError(f"num_steps must be >= 1; got {self.num_steps}.")
+    if self.recurrence not in RECURRENCES:
+      raise ValueError(
+          f"recurrence must be one of {RECURRENCES}; got {self.recurrence!r}.")
+    kernel = (self.kernel_size, self.kernel_size)
+    # x does not change over the steps: read it once, outside the loop.
+    self.read_x = nn.Conv(self.read_channels, kernel, strides=(2, 2), name="read_x")
+    step = _ConvDrawStep
+    if self.recurrence != "unrolled":
+      # Parameters are shared across steps (broadcast); noise is scanned over
+      # its leading T axis; x, its read and the context are the same every step.
+      step = nn.scan(
+          _ConvDrawStep, variable_broadcast="params", split_rngs={"params": False},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), out_axes=0,
+          length=self.num_steps,
+          unroll=self.num_steps if self.recurrence == "scan_unrolled" else 1)
+    # The same name for every form, so parameters are interchangeable.
+    self.step = step(image_channels=channels, hidden_channels=self.hidden_channels,
+                     latent_channels=self.latent_channels,
+                     read_channels=self.read_channels, kernel_size=self.kernel_size,
+                     name="step")
+
+  def _run_steps(self, rng, batch_size, x, context, dtype):
+    """All T steps; returns the final canvas and per-step outputs [batch, T, ...]."""
+    height, width, channels = self.image_shape
+    state_shape = (batch_size, height // 2, width // 2)
+    # All the noise is drawn up front so that every recurrence form consumes
+    # exactly the same numbers.
+    noise = jax.random.normal(
+        rng, (self.num_steps, *state_shape, self.latent_channels), dtype)
+    zero_state = lambda: (jnp.zeros((*state_shape, self.hidden_channels), dtype),) * 2
+    encoder_state = None if x is None else zero_state()
+    carry = (encoder_state, zero_state(),
+             jnp.zeros((batch_size, height, width, channels), dtype))
+    x_read = None if x is None else self.read_x(x)
+    if self.recurrence == "unrolled":
+      per_step = []
+      for t in range(self.num_steps):
+        carry, outputs = self.step(carry, noise[t], x, x_read, context)
+        per_step.append(outputs)
+      outputs = jax.tree.map(lambda *a: jnp.stack(a, axis=1), *per_step)
+    else:
+      carry, outputs = self.step(carry, noise, x, x_read, context)
+      outputs = jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), outputs)
+    return carry[2], outputs
+
+  def _check_images(self, x):
+    if tuple(x.shape[1:]) != tuple(self.image_shape):
+      raise ValueError(
+          f"Expected images of shape [batch, {', '.join(map(str, self.image_shape))}];"
+          f" got {x.shape}.")
+
+  def _trace(self, x, rng, context_encoding) -> ConvDrawTrace:
+    self._check_images(x)
+    canvas, outputs = self._run_steps(rng, x.shape[0], x, context_encoding, x.dtype)
+    return ConvDrawTrace(
+        reconstruction=nn.sigmoid(canvas), kl=jnp.sum(outputs["kl"], axis=1),
+        kl_per_step=outputs["kl"], latent=outputs["latent"],
+        posterior_mean=outputs["posterior_mean"],
+        posterior_log_std=outputs["posterior_log_std"],
+        prior_mean=outputs["prior_mean"], prior_log_std=outputs["prior_log_std"])
+
+  def _generate(self, rng, num_samples, context_encoding):
+    canvas, _ = self._run_steps(rng, num_samples, None, context_encoding, jnp.float32)
+    return nn.sigmoid(canvas)
+
+
+class ConvDraw(_ConvDrawCore):
+  """Unconditional ConvDraw with a learned autoregressive prior.
+
+  Attributes:
+    image_shape: (height, width, channels); height and width even.
+    num_steps: T, the number of recurrent steps.
+    hidden_channels: channels of both conv-LSTMs.
+    latent_channels: channels of each z_t (at half the image resolution).
+    read_channels: channels of the stride-2 reads of x and of the error.
+    kernel_size: side of every square kernel.
+    recurrence: 'unrolled' (Python loop), 'scan' (rolled nn.scan) or
+      'scan_unrolled' (nn.scan, unroll=True); identical numbers.
+
+  The defaults are the ``mnist_cpu`` preset with the 'unrolled' recurrence.
+  """
+
+  def setup(self):
+    self._setup_core()
+
+  def trace(self, x, rng) -> ConvDrawTrace:
+    """Encode x with z_t ~ q_t (noise from ``rng``); every per-step quantity."""
+    return self._trace(x, rng, None)
+
+  def __call__(self, x, rng) -> VAEOutput:
+    """Encode x, draw z_1..T ~ q with ``rng``, decode; kl is summed over steps."""
+    trace = self.trace(x, rng)
+    return VAEOutput(reconstruction=trace.reconstruction, kl=trace.kl,
+                     latent=trace.latent)
+
+  def reconstruct(self, x, rng) -> VAEOutput:
+    """Same as ``__call__``."""
+    return self(x, rng)
+
+  def kl_per_step(self, x, rng):
+    """KL(q_t || p_t) per example and step, [batch, T]; sums to ``__call__``'s kl."""
+    return self.trace(x, rng).kl_per_step
+
+  def sample(self, rng, num_samples: int):
+    """sigmoid(canvas_T) for z_t ~ p(z_t | z_<t): means of prior samples."""
+    return self._generate(rng, num_samples, None)
+
+
+class ContextEncoder(nn.Module):
+  """Encodes context images to the state resolution and averages over them.
+
+  r = mean_k f(context_k), f = relu(conv3x3(relu(conv_stride2(.)))). The mean,
+  not GQN's sum, keeps r's scale independent of the number of context images.
+
+  Attributes:
+    features: channels of r.
+    kernel_size: side of the stride-2 kernel.
+  """
+
+  features: int
+  kernel_size: int
+
+  @nn.compact
+  def __call__(self, context):
+    """[batch, n_context, H, W, C] -> [batch, H/2, W/2, features]."""
+    batch, num_context = context.shape[:2]
+    h = context.reshape(batch * num_context, *context.shape[2:])
+    h = nn.relu(nn.Conv(self.features, (self.kernel_size,) * 2, strides=(2, 2),
+                        name="conv_stride2")(h))
+    h = nn.relu(nn.Conv(self.features, (3, 3), name="conv")(h))
+    return jnp.mean(h.reshape(batch, num_context, *h.shape[1:]), axis=1)
+
+
+class ConditionalConvDraw(_ConvDrawCore):
+  """ConvDraw conditioned on context images, as GQN's generator.
+
+  The averaged context encoding r is concatenated to the inputs of the prior
+  p(z_t | z_<t, r), the posterior q(z_t | x, z_<t, r) and the decoder LSTM.
+  Context images are [batch, n_context, H, W, C_context] with the same H, W
+  as x (any channels); a [batch, H, W, C_context] context counts as one image.
+
+  Attributes: those of ``ConvDraw``, and
+    context_channels: channels of the context encoding r.
+  """
+
+  context_channels: int = 32
+
+  def setup(self):
+    self._setup_core()
+    self.context_encoder = ContextEncoder(self.context_channels, self.kernel_size,
+                                          name="context_encoder")
+
+  def _encode_context(self, context):
+    if context.ndim == 4:
+      context = context[:, None]
+    height, width = self.image_shape[:2]
+    if context.ndim != 5 or tuple(context.shape[2:4]) != (height, width):
+      raise ValueError(
+          f"Expected context of shape [batch, n_context, {height}, {width}, C];"
+          f" got {context.shape}.")
+    return self.context_encoder(context)
+
+  def trace(self, x, rng, context) -> ConvDrawTrace:
+    """Encode x given the context; every per-step quantity."""
+    return self._trace(x, rng, self._encode_context(context))
+
+  def __call__(self, x, rng, context) -> VAEOutput:
+    """Encode x given the context, draw z_1..T ~ q with ``rng``, decode."""
+    trace = self.trace(x, rng, context)
+    return VAEOutput(reconstruction=trace.reconstruction, kl=trace.kl,
+                     latent=trace.latent)
+
+  def reconstruct(self, x, rng, context) -> VAEOutput:
+    """Same as ``__call__``."""
+    return self(x, rng, context)
+
+  def kl_per_step(self, x, rng, context):
+    """KL(q_t || p_t) per example and step, [batch, T]."""
+    return self.trace(x, rng, context).kl_per_step
+
+  def sample(self, rng, context):
+    """sigmoid(canvas_T) for z_t ~ p(z_t | z_<t, r): one sample per context row."""
+    return self._generate(rng, context.shape[0], self._encode_context(context))

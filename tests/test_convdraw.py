@@ -1,0 +1,316 @@
+"""Tests of geco_jax.models.convdraw: shapes, the per-step KL against NumPy, the
+three recurrence forms against each other, sampling, conditioning and a few
+training steps.
+
+Tiny models (8x8 images, T = 3) and few compiled programs keep the file fast on
+a 2-core CPU: XLA:CPU compile time, not run time, is what costs here, so each
+model gets one jitted ``evaluate`` (loss, gradients and every per-example
+output) and one jitted ``sample``, each called with several inputs.
+"""
+
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from geco_jax.models.common import VAEOutput
+from geco_jax.models.convdraw import PRESETS
+from geco_jax.models.convdraw import RECURRENCES
+from geco_jax.models.convdraw import ConditionalConvDraw
+from geco_jax.models.convdraw import ConvDraw
+from geco_jax.models.convdraw import convdraw_preset
+
+BATCH, STEPS, LATENT = 2, 3, 4
+IMAGE_SHAPE = (8, 8, 1)
+TINY = dict(image_shape=IMAGE_SHAPE, num_steps=STEPS, hidden_channels=8,
+            latent_channels=LATENT, read_channels=4, kernel_size=3)
+STATE = (IMAGE_SHAPE[0] // 2, IMAGE_SHAPE[1] // 2)
+NUM_SAMPLES = 3
+
+
+def _key(seed):
+  # RngBitGenerator keys: XLA:CPU compiles them in a fraction of the time of
+  # threefry, the default (about 2.5 s per program on the 2-core machine).
+  # The slow training-step test uses default keys, as a trainer would.
+  return jax.random.key(seed, impl="rbg")
+
+
+def _images(seed=0):
+  return jax.random.uniform(jax.random.PRNGKey(seed), (BATCH, *IMAGE_SHAPE))
+
+
+def _context(seed=10, num_context=3, channels=2):
+  return jax.random.uniform(jax.random.PRNGKey(seed),
+                            (BATCH, num_context, *IMAGE_SHAPE[:2], channels))
+
+
+def _loss(model, params, x, rng, *context):
+  """Gaussian ELBO (sigma = 0.1, constants dropped), averaged over the batch."""
+  output = model.apply(params, x, rng, *context)
+  squared_error = jnp.sum(jnp.square(x - output.reconstruction), axis=(1, 2, 3))
+  return jnp.mean(squared_error / (2 * 0.1**2) + output.kl)
+
+
+def _compiled(model):
+  """Jitted ``evaluate(params, x, rng, *context)`` and ``sample(params, rng, *context)``."""
+
+  @jax.jit
+  def evaluate(params, x, rng, *context):
+    loss, grads = jax.value_and_grad(lambda p: _loss(model, p, x, rng, *context))(params)
+    return dict(
+        loss=loss, grads=grads,
+        output=model.apply(params, x, rng, *context),
+        reconstruct=model.apply(params, x, rng, *context, method=model.reconstruct),
+        trace=model.apply(params, x, rng, *context, method=model.trace),
+        kl_per_step=model.apply(params, x, rng, *context, method=model.kl_per_step))
+
+  @jax.jit
+  def sample(params, rng, *context):
+    args = context if context else (NUM_SAMPLES,)
+    return model.apply(params, rng, *args, method=model.sample)
+
+  return evaluate, sample
+
+
+def _setup(model, *context):
+  params = jax.jit(model.init)(_key(0), _images(), _key(1), *context)
+  evaluate, sample = _compiled(model)
+  reference = jax.device_get(evaluate(params, _images(), _key(2), *context))
+  return types.SimpleNamespace(model=model, params=params, context=context,
+                               evaluate=evaluate, sample=sample, reference=reference)
+
+
+@pytest.fixture(scope="module")
+def unconditional():
+  return _setup(ConvDraw(**TINY))
+
+
+@pytest.fixture(scope="module")
+def conditional():
+  return _setup(ConditionalConvDraw(**TINY, context_channels=4), _context())
+
+
+def _check_output(output):
+  assert isinstance(output, VAEOutput)
+  assert output.reconstruction.shape == (BATCH, *IMAGE_SHAPE)
+  assert output.kl.shape == (BATCH,)
+  assert output.latent.shape == (BATCH, STEPS, *STATE, LATENT)
+  reconstruction = np.asarray(output.reconstruction)
+  assert np.all((reconstruction >= 0) & (reconstruction <= 1))
+  kl = np.asarray(output.kl)
+  assert np.all(np.isfinite(kl)) and np.all(kl >= 0)
+
+
+@pytest.mark.parametrize("which", ["unconditional", "conditional"])
+def test_shapes_and_ranges(which, request):
+  setup = request.getfixturevalue(which)
+  results = setup.reference
+  _check_output(results["output"])
+  assert results["kl_per_step"].shape == (BATCH, STEPS)
+  np.testing.assert_allclose(np.sum(results["kl_per_step"], axis=1),
+                             results["output"].kl, rtol=1e-5)
+  jax.tree.map(np.testing.assert_allclose, results["reconstruct"], results["output"])
+  samples = np.asarray(setup.sample(setup.params, _key(5), *setup.context))
+  expected_rows = BATCH if setup.context else NUM_SAMPLES
+  assert samples.shape == (expected_rows, *IMAGE_SHAPE)
+  assert np.all((samples >= 0) & (samples <= 1))
+
+
+def _numpy_gaussian_kl(mean_q, log_std_q, mean_p, log_std_p):
+  """KL(N_q || N_p) of diagonal Gaussians, float64, summed over all but the first axis."""
+  mean_q, log_std_q, mean_p, log_std_p = (
+      np.asarray(a, np.float64) for a in (mean_q, log_std_q, mean_p, log_std_p))
+  var_q, var_p = np.exp(2 * log_std_q), np.exp(2 * log_std_p)
+  kl = 0.5 * (var_q / var_p + (mean_q - mean_p) ** 2 / var_p - 1) + log_std_p - log_std_q
+  return kl.reshape(kl.shape[0], -1).sum(axis=1)
+
+
+@pytest.mark.parametrize("which", ["unconditional", "conditional"])
+def test_kl_per_step_matches_numpy(which, request):
+  results = request.getfixturevalue(which).reference
+  trace = results["trace"]
+  for name in ("latent", "posterior_mean", "posterior_log_std", "prior_mean",
+               "prior_log_std"):
+    assert getattr(trace, name).shape == (BATCH, STEPS, *STATE, LATENT), name
+  for t in range(STEPS):
+    expected = _numpy_gaussian_kl(trace.posterior_mean[:, t], trace.posterior_log_std[:, t],
+                                  trace.prior_mean[:, t], trace.prior_log_std[:, t])
+    np.testing.assert_allclose(trace.kl_per_step[:, t], expected, rtol=1e-4, atol=1e-4)
+  assert np.all(trace.kl_per_step >= 0)
+  np.testing.assert_allclose(trace.kl, np.sum(trace.kl_per_step, axis=1), rtol=1e-5)
+  np.testing.assert_allclose(trace.kl_per_step, results["kl_per_step"])
+  np.testing.assert_allclose(trace.kl, results["output"].kl)
+  # z_t is a reparameterised draw from q_t: standardised, it is O(1) noise.
+  standardised = (trace.latent - trace.posterior_mean) / np.exp(trace.posterior_log_std)
+  assert np.all(np.abs(standardised) < 10)
+  if which == "unconditional":
+    # p(z_1) comes from the zero initial decoder state: the same for every example.
+    np.testing.assert_allclose(trace.prior_mean[0, 0], trace.prior_mean[1, 0])
+    np.testing.assert_allclose(trace.prior_log_std[0, 0], trace.prior_log_std[1, 0])
+
+
+@pytest.fixture(scope="module", params=["unconditional", "conditional"])
+def recurrence_results(request):
+  """Per recurrence form: (evaluate's results, samples), with the same parameters.
+
+  The conditional model is checked for 'scan' only: 'scan_unrolled' differs
+  from it only in the unroll factor, and each form costs a compilation.
+  """
+  setup = request.getfixturevalue(request.param)
+  assert setup.model.recurrence == "unrolled"
+  forms = ("unrolled", "scan") if setup.context else RECURRENCES
+  x, rng = _images(), _key(2)
+  results = {}
+  for recurrence in forms:
+    model = setup.model.clone(recurrence=recurrence)
+    # Every form has the same parameter tree, so parameters are interchangeable.
+    shapes = jax.eval_shape(model.init, _key(0), x, rng, *setup.context)
+    assert jax.tree.structure(shapes) == jax.tree.structure(setup.params), recurrence
+    jax.tree.map(lambda s, p: np.testing.assert_equal(s.shape, p.shape),
+                 shapes, setup.params)
+    if recurrence == "unrolled":
+      evaluate, sample = setup.evaluate, setup.sample
+    else:
+      evaluate, sample = _compiled(model)
+    results[recurrence] = jax.device_get(
+        (evaluate(setup.params, x, rng, *setup.context),
+         sample(setup.params, _key(5), *setup.context)))
+  return results
+
+
+def test_recurrence_forms_agree(recurrence_results):
+  """'unrolled', 'scan' and 'scan_unrolled' give the same values and gradients."""
+  reference = recurrence_results["unrolled"]
+  for recurrence, results in recurrence_results.items():
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 results, reference)
+
+
+@pytest.mark.parametrize("which", ["unconditional", "conditional"])
+def test_gradients_finite_and_reach_every_parameter(which, request):
+  results = request.getfixturevalue(which).reference
+  assert np.isfinite(results["loss"])
+  for path, grad in jax.tree_util.tree_leaves_with_path(results["grads"]):
+    assert np.all(np.isfinite(grad)), jax.tree_util.keystr(path)
+    assert np.any(grad != 0), jax.tree_util.keystr(path)
+
+
+def test_prior_samples_differ_across_rngs(unconditional):
+  first = unconditional.sample(unconditional.params, _key(5))
+  second = unconditional.sample(unconditional.params, _key(6))
+  assert np.max(np.abs(first - second)) > 1e-4
+  # Different rows of one call are different samples too.
+  assert np.max(np.abs(first[0] - first[1])) > 1e-4
+
+
+def test_conditional_output_depends_on_context(conditional):
+  setup, x, rng = conditional, _images(), _key(2)
+  other_context = _context(seed=12)
+  output = setup.reference["output"]
+  other = setup.evaluate(setup.params, x, rng, other_context)["output"]
+  assert np.max(np.abs(output.reconstruction - other.reconstruction)) > 1e-5
+  assert np.max(np.abs(output.kl - other.kl)) > 1e-5
+  samples = setup.sample(setup.params, rng, *setup.context)
+  other_samples = setup.sample(setup.params, rng, other_context)
+  assert np.max(np.abs(samples - other_samples)) > 1e-5
+
+
+def test_context_of_one_image_may_drop_its_axis(conditional):
+  model, params = conditional.model, conditional.params
+  encode = jax.jit(lambda context: model.apply(
+      params, context, method=lambda module, c: module._encode_context(c)))
+  single = _context(num_context=1)
+  np.testing.assert_allclose(encode(single[:, 0]), encode(single))
+  assert encode(single).shape == (BATCH, *STATE, 4)
+
+
+def test_adam_steps_reduce_loss(unconditional):
+  setup = unconditional
+  # Fixed images with structure (bars) so there is something to learn.
+  rows = np.arange(IMAGE_SHAPE[0])[:, None] * np.ones(IMAGE_SHAPE[1])
+  x = jnp.asarray(np.stack([rows % 4 < 2, rows.T % 4 < 2]).astype(np.float32)[..., None])
+  tx = optax.adam(1e-2)
+  apply_adam = jax.jit(lambda grads, opt_state, params: (
+      lambda updates, opt_state: (optax.apply_updates(params, updates), opt_state))(
+          *tx.update(grads, opt_state, params)))
+  params, opt_state, losses = setup.params, tx.init(setup.params), []
+  for i in range(40):
+    # The fixture's compiled evaluate gives the gradients: no new compilation.
+    results = setup.evaluate(params, x, _key(100 + i))
+    params, opt_state = apply_adam(results["grads"], opt_state, params)
+    losses.append(float(results["loss"]))
+  before, after = np.mean(losses[:3]), np.mean(losses[-3:])
+  assert np.all(np.isfinite(losses)) and after < 0.7 * before, (before, after)
+
+
+def test_presets():
+  for name in PRESETS:
+    kwargs = convdraw_preset(name)
+    assert "context_channels" not in kwargs
+    model = ConvDraw(**kwargs)
+    height, width, channels = kwargs["image_shape"]
+    x = jax.ShapeDtypeStruct((2, height, width, channels), jnp.float32)
+    rng = jax.random.PRNGKey(0)
+    # Abstract evaluation: shapes of the full-size presets without running them.
+    output, _ = jax.eval_shape(model.init_with_output, rng, x, rng)
+    assert output.reconstruction.shape == x.shape
+    assert output.latent.shape == (2, kwargs["num_steps"], height // 2, width // 2,
+                                   kwargs["latent_channels"])
+    conditional = convdraw_preset(name, conditional=True)
+    assert conditional["context_channels"] > 0
+    ConditionalConvDraw(**conditional)
+  convdraw_preset("mnist_cpu")["num_steps"] = 99  # a copy: the preset is unchanged
+  assert PRESETS["mnist_cpu"]["num_steps"] != 99
+  with pytest.raises(ValueError, match="Unknown ConvDraw preset"):
+    convdraw_preset("imagenet")
+
+
+def test_invalid_configurations():
+  x, rng = _images(), jax.random.PRNGKey(0)
+  with pytest.raises(ValueError, match="recurrence"):
+    ConvDraw(**{**TINY, "recurrence": "rolled"}).init(rng, x, rng)
+  with pytest.raises(ValueError, match="even"):
+    ConvDraw(**{**TINY, "image_shape": (7, 8, 1)}).init(
+        rng, jnp.zeros((1, 7, 8, 1)), rng)
+  with pytest.raises(ValueError, match="Expected images"):
+    ConvDraw(**TINY).init(rng, jnp.zeros((1, 10, 10, 1)), rng)
+  with pytest.raises(ValueError, match="Expected context"):
+    ConditionalConvDraw(**TINY).init(rng, x, rng, jnp.zeros((BATCH, 1, 6, 6, 1)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recurrence", RECURRENCES)
+def test_mnist_cpu_training_step_compiles_in_time(recurrence):
+  """The requirement: a mnist_cpu training step (batch 32) compiles in < 60 s on 2 cores.
+
+  Prints compile time and steps/s (python -m pytest tests/test_convdraw.py -m slow -s).
+  """
+  model = ConvDraw(**convdraw_preset("mnist_cpu"), recurrence=recurrence)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (32, 28, 28, 1))
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), x, jax.random.PRNGKey(2))
+  tx = optax.adam(1e-3)
+
+  def step(params, opt_state, images, rng):
+    loss, grads = jax.value_and_grad(lambda p: _loss(model, p, images, rng))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = tx.init(params)
+  start = time.perf_counter()
+  compiled = jax.jit(step).lower(params, opt_state, x, jax.random.PRNGKey(3)).compile()
+  compile_seconds = time.perf_counter() - start
+  params, opt_state, loss = compiled(params, opt_state, x, jax.random.PRNGKey(3))
+  loss.block_until_ready()
+  steps, start = 0, time.perf_counter()
+  while steps < 3 or time.perf_counter() - start < 5:
+    params, opt_state, loss = compiled(params, opt_state, x, jax.random.PRNGKey(steps))
+    loss.block_until_ready()
+    steps += 1
+  rate = steps / (time.perf_counter() - start)
+  print(f"\n{recurrence}: compile {compile_seconds:.1f} s, {rate:.3f} steps/s")
+  assert compile_seconds < 60
+  assert np.isfinite(float(loss))
