@@ -25,9 +25,9 @@ from geco_jax.models import classifier as classifier_lib
 from geco_jax.models import ConvVAE
 from geco_jax.models import VAEOutput
 
-DATASETS = ("sprites", "mnist", "fashion_mnist")
 SOURCES = {"sprites": ("generated",), "mnist": ("npz", "tfds"),
            "fashion_mnist": ("npz", "tfds")}
+DATASETS = tuple(SOURCES)
 MODELS = ("conv_vae",)
 DUALS = ("sgd", "pi")
 CONSTRAINTS = ("re", "fre", "pncc", "kl", "cla")

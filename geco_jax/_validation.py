@@ -40,3 +40,8 @@ def check_int(value, name: str, minimum: int) -> int:
   if value < minimum:
     raise ValueError(f"{name} must be at least {minimum}; got {value}.")
   return value
+
+
+def is_container(value) -> bool:
+  """True for a container pytree (dict, list, ...), False for a scalar or an array."""
+  return not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(value))

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from geco_jax._validation import check
+from geco_jax._validation import check, is_container
 
 __all__ = ["sgd", "pi", "PIState"]
 
@@ -45,8 +45,7 @@ def sgd(learning_rate) -> optax.GradientTransformation:
         f"got {learning_rate!r}.")
   check(learning_rate, lambda v: v > 0 and math.isfinite(v),
         "sgd: learning_rate must be positive and finite")
-  per_leaf = not jax.tree_util.treedef_is_leaf(
-      jax.tree_util.tree_structure(learning_rate))
+  per_leaf = is_container(learning_rate)
 
   def init_fn(params):
     del params

@@ -58,7 +58,7 @@ import optax
 from flax import serialization
 
 from geco_jax import dual
-from geco_jax._validation import check, concrete_values
+from geco_jax._validation import check, concrete_values, is_container
 
 PyTree = Any
 Scalars = Union[float, jax.Array, PyTree]
@@ -121,14 +121,9 @@ class GecoState(NamedTuple):
 # --------------------------------------------------------------------------- #
 
 
-def _is_tree(value) -> bool:
-  """True for a container pytree (dict, list, ...), False for a scalar or array."""
-  return jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(value)) is False
-
-
 def _structure_of(lambda_init, lambda_lr):
   """The constraint structure the transform is built for."""
-  trees = [t for t in (lambda_init, lambda_lr) if _is_tree(t)]
+  trees = [t for t in (lambda_init, lambda_lr) if is_container(t)]
   if len(trees) == 2:
     a, b = (jax.tree_util.tree_structure(t) for t in trees)
     if a != b:
@@ -140,7 +135,7 @@ def _structure_of(lambda_init, lambda_lr):
 
 def _broadcast_to(template, value):
   """``value`` as a pytree of ``template``'s structure (a scalar is repeated)."""
-  if _is_tree(value):
+  if is_container(value):
     return value
   return jax.tree_util.tree_map(lambda _: value, template)
 
