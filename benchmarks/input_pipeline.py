@@ -15,7 +15,6 @@ and prints the ratios pipeline / step (the goal is >= 10 against ConvDraw).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -41,37 +40,21 @@ def _rate(fn, seconds: float) -> float:
   return sorted(rates)[1]
 
 
-def _convdraw_step_rate(images, seconds: float) -> float:
-  """Steps/s of a GECO+RE training step of ConvDraw (mnist_cpu preset) on ``images``."""
+def _step_rate(config, images, seconds: float) -> float:
+  """Steps/s of the trainer's compiled step (``experiments.train``) for ``config``."""
   import jax
-  import jax.numpy as jnp
-  import optax
 
-  import geco_jax
-  from geco_jax.models import ConvDraw
-  from geco_jax.models import convdraw_preset
+  from experiments import train
 
-  model = ConvDraw(**convdraw_preset("mnist_cpu"))
-  params = model.init(jax.random.PRNGKey(0), images[:1], jax.random.PRNGKey(1))
-  tx = optax.chain(geco_jax.geco(lambda_lr=1e-4), optax.adam(1e-4))
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, rng):
-    def loss_fn(params):
-      output = model.apply(params, images, rng)
-      constraint = geco_jax.constraints.reconstruction_error(
-          images, output.reconstruction, 0.1).mean()
-      return geco_jax.lagrangian(output.kl.mean(), constraint, opt_state), constraint
-    (_, constraint), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params, constraint=constraint)
-    return optax.apply_updates(params, updates), opt_state
-
-  state = [params, opt_state]
+  experiment = train.Experiment(
+      config, {"train": {"image": images}, "test": {"image": images[:64]}})
+  state = experiment.initial_state()
+  batch = experiment.batch_at(0)
 
   def one_step():
-    state[0], state[1] = step(state[0], state[1], jax.random.PRNGKey(2))
-    jax.block_until_ready(state[1])
+    nonlocal state
+    state, metrics = experiment.step_fn(state, batch)
+    jax.block_until_ready(metrics)
 
   return _rate(one_step, seconds)
 
@@ -81,9 +64,8 @@ def main(argv):
   import jax
   import numpy as np
 
+  from configs import convdraw_mnist
   from configs import default
-  from experiments import setup
-  from experiments import train
   from geco_jax.data import EpochBatcher
   from geco_jax.data import Prefetcher
 
@@ -104,20 +86,10 @@ def main(argv):
 
   config = default.get_config()
   config.batch_size = _BATCH.value
-  model, tx = setup.make_model(config, images.shape[1:]), setup.make_optimizer(config)
-  state = train.create_train_state(config, model, tx, images.shape[1:])
-  step_fn = jax.jit(functools.partial(
-      train.train_step, model=model, tx=tx,
-      constraint_fn=setup.make_constraint_fn(config)))
-  batch = jax.device_put({"image": batcher.batch_at(0)["image"]})
-
-  def one_step():
-    nonlocal state
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-
-  step_rate = _rate(one_step, _SECONDS.value)
-  convdraw_rate = _convdraw_step_rate(batch["image"], _SECONDS.value)
+  step_rate = _step_rate(config, images, _SECONDS.value)
+  config = convdraw_mnist.get_config()     # ConvDraw, mnist_cpu preset, GECO + RE
+  config.batch_size = _BATCH.value
+  convdraw_rate = _step_rate(config, images, _SECONDS.value)
   results = {
       "data": source, "batch_size": _BATCH.value, "backend": jax.default_backend(),
       "batcher_batches_per_s": batch_rate, "prefetcher_batches_per_s": prefetch_rate,

@@ -20,9 +20,13 @@ def get_config():
   config.dataset.name = "mnist"
   config.dataset.source = "npz"           # GECO_DATA_DIR/mnist.npz; or "tfds"
   config.dataset.data_dir = None          # None: $GECO_DATA_DIR (npz) or $TFDS_DATA_DIR
+  config.dataset.num_train = None         # the whole split
+  config.dataset.num_test = None
+  del config.dataset["image_size"]        # a sprites option
   config.num_steps = 3000
 
   config.constraints.re.tolerance = 0.1   # per-pixel RMSE
+  config.eval_every = 1000
   config.constraints.cla = dict(
       tolerance=0.9,                      # mean probability of the true class
       lambda_lr=5e-2,                     # C is a probability, ~1000x smaller than RE

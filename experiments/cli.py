@@ -13,6 +13,9 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow only writes summaries here; without this, importing it prints a
+# note about oneDNN on every run (tensorflow-cpu 2.21), whatever the log level.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
@@ -39,7 +42,12 @@ def parse_flags(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback" in str(e):
+      # config_flags embeds the traceback of a failing get_config(): keep its
+      # first line and the exception it ends with.
+      fail(f"{lines[0]} {lines[-1].strip()}")
+    fail(lines[0] if lines else type(e).__name__)
   except (OSError, ImportError, SyntaxError, AttributeError, KeyError, TypeError,
           ValueError) as e:  # Raised while loading a broken config module.
     fail(f"could not load the config: {type(e).__name__}: {e}")

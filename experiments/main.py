@@ -23,19 +23,24 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   config = cli.config_or_fail()
-  # Imported here so that --help and flag errors do not pay for JAX and TF.
+  # Imported here so that --help and flag errors do not pay for JAX; the
+  # trainer (and TensorFlow, through clu) only once the config is valid.
   from experiments import setup
-  from experiments import train
 
   try:
     setup.validate_config(config)
   except setup.ConfigError as e:
     cli.fail(str(e))
   cli.quiet_library_logs()
-  logging.info("Config:\n%s", config)
+  if config.distributed:  # multi-host: coordinator and process ids from the cluster
+    import jax
+    jax.distributed.initialize()
   try:
-    summary = train.train_and_evaluate(config, cli.WORKDIR.value)
-  except setup.ConfigError as e:  # E.g. the dataset is missing from its source.
+    data = setup.make_dataset(config)  # a missing dataset is reported here
+    logging.info("Config:\n%s", config)
+    from experiments import train
+    summary = train.train_and_evaluate(config, cli.WORKDIR.value, data=data)
+  except setup.ConfigError as e:
     cli.fail(str(e))
   except FloatingPointError as e:  # Diverged: reported, the checkpoints kept.
     print(f"error: {e}", file=sys.stderr)

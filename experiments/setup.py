@@ -1,36 +1,62 @@
-"""From a config to library objects: validation, data, model, constraints, optimiser.
+"""From a config to library objects: validation, data, model, objective, optimiser.
 
 The library (``geco_jax``) never reads configs; this module is where config
 fields become arguments. Every problem with a config is a ``ConfigError``
 raised here, before anything is compiled, so ``experiments.main`` can report
-it in one line and exit with status 2.
+it in one line and exit with status 2. Every field and its default is in
+``configs/base.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
-from typing import Callable
+from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 import geco_jax
+from configs import base as base_config
 from geco_jax import constraints as constraints_lib
+from geco_jax import objectives
+from geco_jax.data import DATASET_SOURCES
 from geco_jax.data import DatasetNotFoundError
 from geco_jax.data import load_dataset
 from geco_jax.models import classifier as classifier_lib
+from geco_jax.models import ConditionalConvDraw
+from geco_jax.models import ConvDraw
 from geco_jax.models import ConvVAE
+from geco_jax.models import VAENVP
 from geco_jax.models import VAEOutput
+from geco_jax.models import convdraw as convdraw_lib
+from geco_jax.models import vae_nvp as vae_nvp_lib
 
-SOURCES = {"sprites": ("generated",), "mnist": ("npz", "tfds"),
-           "fashion_mnist": ("npz", "tfds")}
+# Image datasets (the 2-D mixtures are for geco_jax.theory, not for VAEs).
+SOURCES = {name: sources for name, sources in DATASET_SOURCES.items()
+           if not name.startswith("mixture_of_")}
 DATASETS = tuple(SOURCES)
-MODELS = ("conv_vae",)
+# Their examples are (context images, target image): conditional models only.
+CONDITIONAL_DATASETS = ("mnist_sum", "mnist_sum_hard", "mnist_rotate")
+# Datasets with one class label per image ('label'), as CLA needs.
+LABELLED_DATASETS = ("mnist", "fashion_mnist", "cifar10", "micro_mnist")
+
+MODEL_CLASSES = {"conv_vae": ConvVAE, "convdraw": ConvDraw,
+                 "conditional_convdraw": ConditionalConvDraw, "vae_nvp": VAENVP}
+MODELS = tuple(MODEL_CLASSES)
+VAE_NVP_PRESETS = {"cpu": vae_nvp_lib.CPU_PRESET,
+                   "accelerator": vae_nvp_lib.ACCELERATOR_PRESET,
+                   "micro_mnist": vae_nvp_lib.MICRO_MNIST_PRESET}
+OBJECTIVES = ("geco", "elbo", "elbo_annealed")
 DUALS = ("sgd", "pi")
 CONSTRAINTS = ("re", "fre", "pncc", "kl", "cla")
+# Sections whose keys depend on the chosen model / dataset / constraints.
+_OPEN_SECTIONS = ("model", "dataset", "constraints")
 
 
 class ConfigError(ValueError):
@@ -42,126 +68,291 @@ def require(ok: bool, message: str) -> None:
     raise ConfigError(message)
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive_int(config, name: str, prefix: str = "") -> None:
   value = config[name]
-  require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-           f"config.{prefix}{name} must be a positive integer; got {value!r}.")
+  require(_is_int(value) and value >= 1,
+          f"config.{prefix}{name} must be a positive integer; got {value!r}.")
 
 
 def positive(value, name: str) -> None:
   require(isinstance(value, (int, float)) and not isinstance(value, bool)
-           and math.isfinite(value) and value > 0,
-           f"config.{name} must be a positive number; got {value!r}.")
+          and math.isfinite(value) and value > 0,
+          f"config.{name} must be a positive number; got {value!r}.")
+
+
+def _unknown_keys(config, reference, prefix: str = "") -> None:
+  for key in config.keys():
+    path = f"{prefix}{key}"
+    require(key in reference,
+            f"config.{path}: unknown field; known fields here: "
+            f"{sorted(reference.keys())} (configs/base.py lists every field).")
+    if isinstance(reference[key], ml_collections.ConfigDict) and key not in _OPEN_SECTIONS:
+      require(isinstance(config[key], ml_collections.ConfigDict),
+              f"config.{path} must be a section (ConfigDict); got {config[key]!r}.")
+      _unknown_keys(config[key], reference[key], path + ".")
+
+
+def model_kwargs(config: ml_collections.ConfigDict, image_shape) -> dict[str, Any]:
+  """The model's constructor arguments: its preset, then the config's overrides."""
+  model = config.model
+  cls = MODEL_CLASSES[model.name]
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  preset = model.get("preset")
+  if model.name in ("convdraw", "conditional_convdraw"):
+    require(preset in convdraw_lib.PRESETS,
+            f"config.model.preset must be one of {sorted(convdraw_lib.PRESETS)} for "
+            f"{model.name}; got {preset!r}.")
+    kwargs = convdraw_lib.convdraw_preset(
+        preset, conditional=model.name == "conditional_convdraw")
+  elif model.name == "vae_nvp":
+    require(preset in VAE_NVP_PRESETS,
+            f"config.model.preset must be one of {sorted(VAE_NVP_PRESETS)} for vae_nvp;"
+            f" got {preset!r}.")
+    kwargs = dict(VAE_NVP_PRESETS[preset])
+  else:
+    require(preset is None, f"config.model.preset: conv_vae has no presets; got {preset!r}.")
+    kwargs = {}
+  for key, value in model.items():
+    if key in ("name", "preset"):
+      continue
+    require(key in fields and key != "image_shape",
+            f"config.model.{key}: {cls.__name__} has no such argument; its arguments "
+            f"are {sorted(fields - {'image_shape'})}.")
+    kwargs[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+  kwargs["image_shape"] = tuple(int(s) for s in image_shape)
+  return kwargs
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raise ``ConfigError`` for the first field that makes no sense."""
-  for name in ("seed",):
-    require(isinstance(config[name], int), f"config.{name} must be an integer.")
-  for name in ("batch_size", "num_steps", "log_every", "image_every",
-               "checkpoint_every", "max_checkpoints_to_keep", "num_image_samples"):
+  """Raise ``ConfigError`` for the first field that makes no sense.
+
+  Checks what can be checked without data: known keys, types and ranges, and
+  that the model can serve the dataset and the constraints (CLA needs
+  labels; context-target datasets need a conditional model and vice versa).
+  ``check_data`` checks the rest once the data is loaded.
+  """
+  _unknown_keys(config, base_config.get_config())
+  require(_is_int(config.seed), f"config.seed must be an integer; got {config.seed!r}.")
+  for name in ("batch_size", "num_steps", "log_every", "image_every", "eval_every",
+               "checkpoint_every", "max_checkpoints_to_keep", "num_image_samples",
+               "max_consecutive_nonfinite"):
     _positive_int(config, name)
+  if config.eval_num_examples is not None:
+    _positive_int(config, "eval_num_examples")
+  require(isinstance(config.distributed, bool),
+          f"config.distributed must be True or False; got {config.distributed!r}.")
 
   data = config.dataset
   require(data.name in DATASETS,
-           f"config.dataset.name must be one of {DATASETS}; got {data.name!r}.")
+          f"config.dataset.name must be one of {DATASETS}; got {data.name!r}.")
   require(data.source in SOURCES[data.name],
           f"config.dataset.source must be one of {SOURCES[data.name]} for "
           f"{data.name}; got {data.source!r}.")
-  if data.name == "sprites":
-    require(isinstance(data.image_size, int) and data.image_size >= 8
-            and data.image_size % 4 == 0,
-            "config.dataset.image_size must be a multiple of 4, at least 8; got "
-            f"{data.image_size!r}.")
-    for name in ("num_train", "num_test"):
+  for name in ("num_train", "num_test"):
+    if data.get(name) is not None:
       _positive_int(data, name, "dataset.")
-    require(config.batch_size <= data.num_train,
-            f"config.batch_size ({config.batch_size}) exceeds "
-            f"config.dataset.num_train ({data.num_train}).")
+  if data.name == "sprites":
+    size = data.get("image_size", 28)
+    require(_is_int(size) and size >= 8 and size % 4 == 0,
+            f"config.dataset.image_size must be a multiple of 4, at least 8; got {size!r}.")
 
   model = config.model
   require(model.name in MODELS,
-           f"config.model.name must be one of {MODELS}; got {model.name!r}.")
-  _positive_int(model, "latent_size", "model.")
-  _positive_int(model, "hidden_size", "model.")
-  require(len(model.channels) == 2 and all(
-      isinstance(c, int) and c >= 1 for c in model.channels),
-           f"config.model.channels must be two positive integers; got {model.channels!r}.")
+          f"config.model.name must be one of {MODELS}; got {model.name!r}.")
+  model_kwargs(config, (28, 28, 1))  # names and presets; shapes in check_data
+  if model.name == "conv_vae":
+    for name in ("latent_size", "hidden_size"):
+      if name in model:
+        _positive_int(model, name, "model.")
+    if "channels" in model:
+      require(len(model.channels) == 2 and all(
+          _is_int(c) and c >= 1 for c in model.channels),
+              f"config.model.channels must be two positive integers; got {model.channels!r}.")
+  conditional_data = data.name in CONDITIONAL_DATASETS
+  conditional_model = model.name == "conditional_convdraw"
+  require(conditional_data == conditional_model,
+          f"config.model.name={model.name!r} cannot model config.dataset.name="
+          f"{data.name!r}: " + (
+              "its examples are (context, target) pairs; use "
+              "model.name='conditional_convdraw'." if conditional_data else
+              "conditional_convdraw needs a (context, target) dataset, one of "
+              f"{CONDITIONAL_DATASETS}."))
 
   positive(config.optimizer.learning_rate, "optimizer.learning_rate")
+  require(config.objective in OBJECTIVES,
+          f"config.objective must be one of {OBJECTIVES}; got {config.objective!r}.")
+  elbo = config.elbo
+  for name in ("sigma", "sigma_start", "sigma_end"):
+    positive(elbo[name], f"elbo.{name}")
+  require(isinstance(elbo.learn_sigma, bool),
+          f"config.elbo.learn_sigma must be True or False; got {elbo.learn_sigma!r}.")
+  _positive_int(elbo, "anneal_steps", "elbo.")
 
   geco = config.geco
   positive(geco.lambda_lr, "geco.lambda_lr")
   positive(geco.lambda_init, "geco.lambda_init")
   require(isinstance(geco.alpha, (int, float)) and 0 <= geco.alpha < 1,
-           f"config.geco.alpha must be in [0, 1); got {geco.alpha!r}.")
+          f"config.geco.alpha must be in [0, 1); got {geco.alpha!r}.")
   for name in ("lambda_min", "lambda_max"):
     if geco[name] is not None:
       positive(geco[name], f"geco.{name}")
   if geco.lambda_min is not None and geco.lambda_max is not None:
     require(geco.lambda_min <= geco.lambda_init <= geco.lambda_max,
-             "config.geco needs lambda_min <= lambda_init <= lambda_max; got "
-             f"{geco.lambda_min}, {geco.lambda_init}, {geco.lambda_max}.")
+            "config.geco needs lambda_min <= lambda_init <= lambda_max; got "
+            f"{geco.lambda_min}, {geco.lambda_init}, {geco.lambda_max}.")
   require(geco.dual in DUALS,
-           f"config.geco.dual must be one of {DUALS}; got {geco.dual!r}.")
-  require(geco.pi_kp >= 0, f"config.geco.pi_kp must be >= 0; got {geco.pi_kp!r}.")
+          f"config.geco.dual must be one of {DUALS}; got {geco.dual!r}.")
+  require(isinstance(geco.pi_kp, (int, float)) and geco.pi_kp >= 0,
+          f"config.geco.pi_kp must be >= 0; got {geco.pi_kp!r}.")
 
-  require(len(config.constraints) >= 1,
-           "config.constraints is empty: GECO needs at least one constraint.")
+  require(config.objective != "geco" or len(config.constraints) >= 1,
+          "config.constraints is empty: GECO needs at least one constraint.")
   for name, spec in config.constraints.items():
     require(name in CONSTRAINTS,
-             f"config.constraints.{name}: unknown constraint; known: {CONSTRAINTS}.")
+            f"config.constraints.{name}: unknown constraint; known: {CONSTRAINTS}.")
+    require(isinstance(spec, ml_collections.ConfigDict),
+            f"config.constraints.{name} must be a section with a tolerance; got {spec!r}.")
     if "lambda_lr" in spec:
       positive(spec.lambda_lr, f"constraints.{name}.lambda_lr")
     tolerance = spec.get("tolerance")
     require(isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool),
-             f"config.constraints.{name}.tolerance must be a number; got {tolerance!r}.")
+            f"config.constraints.{name}.tolerance must be a number; got {tolerance!r}.")
     if name in ("re", "fre", "kl"):
       require(tolerance >= 0,
-               f"config.constraints.{name}.tolerance must be >= 0; got {tolerance!r}.")
+              f"config.constraints.{name}.tolerance must be >= 0; got {tolerance!r}.")
     elif name == "pncc":
       require(-1 <= tolerance <= 1,
-               f"config.constraints.pncc.tolerance must be in [-1, 1]; got {tolerance!r}.")
+              f"config.constraints.pncc.tolerance must be in [-1, 1]; got {tolerance!r}.")
     elif name == "cla":
       require(0 <= tolerance <= 1,
               f"config.constraints.cla.tolerance must be in [0, 1]; got {tolerance!r}.")
-      require(data.name == "mnist",
-              "config.constraints.cla needs labelled MNIST (config.dataset.name="
-              f"'mnist'), as its classifier is an MNIST classifier; got {data.name!r}.")
+      require(data.name in ("mnist", "micro_mnist"),
+              "config.constraints.cla needs labelled MNIST (config.dataset.name "
+              "'mnist' or 'micro_mnist'), as its classifier is an "
+              f"MNIST classifier; got {data.name!r}.")
       path = spec.get("classifier")
       require(isinstance(path, str) and os.path.isdir(path),
               f"config.constraints.cla.classifier: no trained classifier at {path!r}; "
               f"train one with: {classifier_lib.TRAIN_COMMAND}")
 
 
+def _example_keys(split: dict) -> dict[str, np.ndarray]:
+  """The parts of an example a model reads, named alike for every dataset."""
+  if "target" in split:  # (context, target) datasets
+    return {"image": split["target"], "context": split["context"]}
+  out = {"image": split["image"]}
+  if "label" in split:
+    out["label"] = split["label"]
+  elif "labels" in split and np.ndim(split["labels"]) == 1:  # micro_mnist
+    out["label"] = split["labels"]
+  return out
+
+
 def make_dataset(config: ml_collections.ConfigDict) -> dict:
-  """{'train': {'image': ...}, 'test': {'image': ...}} as NumPy arrays.
+  """{'train': {'image', ...}, 'test': {...}} as NumPy arrays, checked.
+
+  Every split has 'image' (the image to model: the target of a context-target
+  dataset), and 'context' or 'label' where the dataset has them.
 
   Raises:
-    ConfigError: the dataset is missing from its source (says where it looked).
+    ConfigError: the dataset is missing from its source (says where it
+      looked), or it does not fit the config (``check_data``).
   """
   data = config.dataset
-  if data.name == "sprites":
-    return load_dataset(data.name, source=data.source, num_train=data.num_train,
-                        num_test=data.num_test, image_size=data.image_size,
-                        seed=config.seed)
+  options = {key: value for key, value in data.items()
+             if key not in ("name", "source", "data_dir", "num_train", "num_test")}
+  kwargs = dict(source=data.source, seed=config.seed, num_train=data.get("num_train"),
+                num_test=data.get("num_test"), **options)
+  if data.source != "generated":
+    kwargs["data_dir"] = data.get("data_dir")
+  if data.name in ("mnist", "fashion_mnist", "cifar10", "celeb_a"):
+    kwargs.pop("num_train"), kwargs.pop("num_test"), kwargs.pop("seed")
   try:
-    return load_dataset(data.name, source=data.source, data_dir=data.get("data_dir"))
+    splits = load_dataset(data.name, **kwargs)
   except DatasetNotFoundError as e:
     raise ConfigError(" ".join(str(e).split())) from e
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.dataset: {e}") from e
+  if data.name in ("mnist", "fashion_mnist", "cifar10", "celeb_a"):
+    for split, key in (("train", "num_train"), ("test", "num_test")):
+      if data.get(key) is not None:  # the first examples, for quick runs
+        splits[split] = {k: v[:data[key]] for k, v in splits[split].items()}
+  splits = {split: _example_keys(arrays) for split, arrays in splits.items()}
+  check_data(config, splits)
+  return splits
 
+
+def check_data(config: ml_collections.ConfigDict, data: dict) -> None:
+  """The checks that need the data's shapes; ``ConfigError`` if one fails."""
+  train = data["train"]
+  num_train = len(train["image"])
+  require(config.batch_size <= num_train,
+          f"config.batch_size ({config.batch_size}) exceeds the {num_train} training "
+          f"examples of {config.dataset.name}.")
+  devices = jax.device_count()
+  require(config.batch_size % devices == 0,
+          f"config.batch_size ({config.batch_size}) must be divisible by the number of "
+          f"devices ({devices}): the global batch is split evenly over them.")
+  height, width = train["image"].shape[1:3]
+  multiple = 2 if config.model.name in ("convdraw", "conditional_convdraw") else 4
+  require(height % multiple == 0 and width % multiple == 0,
+          f"config.model.name={config.model.name!r} needs image sides divisible by "
+          f"{multiple}; {config.dataset.name} has {height}x{width}.")
+  if "cla" in config.constraints:
+    require("label" in train,
+            f"config.constraints.cla needs class labels; {config.dataset.name} has none.")
+
+
+# Model --------------------------------------------------------------------- #
 
 def make_model(config: ml_collections.ConfigDict, image_shape):
-  return ConvVAE(image_shape=tuple(image_shape), latent_size=config.model.latent_size,
-                 channels=tuple(config.model.channels),
-                 hidden_size=config.model.hidden_size)
+  """The configured model (a Flax module) for images of ``image_shape``."""
+  return MODEL_CLASSES[config.model.name](**model_kwargs(config, image_shape))
 
+
+def is_conditional(model) -> bool:
+  return isinstance(model, ConditionalConvDraw)
+
+
+def init_model(model, rng, batch: dict):
+  """The model's variables, from one example of ``batch`` (no training data seen)."""
+  init_rng, sample_rng = jax.random.split(rng)
+  inputs = {key: jnp.asarray(value[:1]) for key, value in batch.items()}
+  return model.init(init_rng, *_model_args(model, inputs, sample_rng))
+
+
+def _model_args(model, batch: dict, rng):
+  if is_conditional(model):
+    return batch["image"], rng, batch["context"]
+  return batch["image"], rng
+
+
+def apply_model(model, variables, batch: dict, rng) -> VAEOutput:
+  """``VAEOutput`` of any model on a batch ({'image'} or {'image', 'context'})."""
+  return model.apply(variables, *_model_args(model, batch, rng))
+
+
+def sample_model(model, variables, rng, num_samples: int, batch: dict):
+  """Prior samples: ``num_samples`` of them, or one per context row of ``batch``."""
+  if is_conditional(model):
+    return model.apply(variables, rng, jnp.asarray(batch["context"][:num_samples]),
+                       method=model.sample)
+  return model.apply(variables, rng, num_samples, method=model.sample)
+
+
+# Objective and constraints -------------------------------------------------- #
 
 def make_constraint_fn(
-    config: ml_collections.ConfigDict) -> Callable[[jnp.ndarray, VAEOutput], dict]:
-  """``fn(batch, output) -> {name: batch mean of C}`` for the configured constraints.
+    config: ml_collections.ConfigDict) -> Callable[[dict, VAEOutput], dict]:
+  """``fn(batch, output) -> {name: C per example, [batch]}`` for the constraints.
 
-  ``batch`` holds ``'image'`` and, for CLA, ``'label'``.
+  ``batch`` holds ``'image'`` and, for CLA, ``'label'``. GECO takes the batch
+  mean of each; evaluation averages them over a whole split. No constraints
+  give an empty dict.
   """
   per_example = {}
   for name, spec in config.constraints.items():
@@ -190,13 +381,58 @@ def make_constraint_fn(
           constraints_lib.classification_accuracy(out.reconstruction, b["label"], t, c))
 
   def constraint_fn(batch, output: VAEOutput) -> dict:
-    return {name: jnp.mean(fn(batch, output)) for name, fn in per_example.items()}
+    return {name: fn(batch, output) for name, fn in per_example.items()}
 
   return constraint_fn
 
 
+def init_likelihood_params(config: ml_collections.ConfigDict) -> dict:
+  """Trainable parameters of the objective: log sigma for an ELBO that learns it."""
+  if config.objective == "elbo" and config.elbo.learn_sigma:
+    return {"log_sigma": jnp.asarray(math.log(config.elbo.sigma), jnp.float32)}
+  return {}
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, constraint_fn):
+  """``fn(likelihood_params, batch, output, opt_state, step) -> (loss, metrics)``.
+
+  GECO: ``geco_jax.lagrangian`` of the batch-mean KL and constraints. ELBO:
+  the batch mean of ``objectives.negative_elbo`` with a fixed, learned or
+  GQN-annealed sigma. Every objective also reports its constraints (for ELBO
+  runs: how far from GECO's targets they end).
+  """
+  objective, elbo = config.objective, config.elbo
+
+  def loss_fn(likelihood, batch, output: VAEOutput, opt_state, step):
+    images = batch["image"]
+    kl = jnp.mean(output.kl)
+    constraint = {k: jnp.mean(v) for k, v in constraint_fn(batch, output).items()}
+    metrics = {"kl": kl,
+               "nll": objectives.optimal_sigma_nll(images, output.reconstruction)}
+    if objective == "geco":
+      loss = geco_jax.lagrangian(kl, constraint, opt_state)
+    else:
+      if objective == "elbo_annealed":
+        sigma = objectives.annealed_sigma(step, sigma_start=elbo.sigma_start,
+                                          sigma_end=elbo.sigma_end,
+                                          num_steps=elbo.anneal_steps)
+      elif elbo.learn_sigma:
+        sigma = jnp.exp(likelihood["log_sigma"])
+      else:
+        sigma = jnp.asarray(elbo.sigma, jnp.float32)
+      loss = jnp.mean(objectives.negative_elbo(images, output.reconstruction,
+                                               output.kl, sigma))
+      metrics["sigma"] = sigma
+    return loss, (constraint, metrics)
+
+  return loss_fn
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """GECO's Lagrange state chained with Adam on the model parameters."""
+  """Adam on the parameters, chained after GECO's Lagrange state for ``geco``."""
+  adam = optax.adam(config.optimizer.learning_rate)
+  if config.objective != "geco":
+    return adam
   geco = config.geco
   names = list(config.constraints.keys())
   kwargs = dict(alpha=geco.alpha,
@@ -210,5 +446,4 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     kwargs["lambda_lr"] = {
         name: float(config.constraints[name].get("lambda_lr", geco.lambda_lr))
         for name in names}
-  return optax.chain(geco_jax.geco(**kwargs),
-                     optax.adam(config.optimizer.learning_rate))
+  return optax.chain(geco_jax.geco(**kwargs), adam)

@@ -1,10 +1,51 @@
-"""Training loop: a VAE trained with GECO, logged through clu, checkpointed with orbax."""
+"""The training loop: data-parallel compiled steps, clu logging, orbax checkpoints.
+
+One ``train_step`` is compiled once with ``jax.jit`` over a 1-D device mesh
+(axis ``'data'``): the global batch is split over every device of every
+process, parameters and optimiser state (GECO's Lagrange state included) are
+replicated, and batch means (the KL, each constraint) are global means, so the
+multiplier is the same on every device by construction. The state's buffers
+are donated to the step. Metrics stay on the devices and are fetched every
+``log_every`` steps.
+
+Survival:
+- checkpoints every ``checkpoint_every`` steps and at the end (the newest
+  ``max_checkpoints_to_keep`` kept); a run started again in the same workdir
+  resumes from the newest one (parameters, optimiser and Lagrange state, RNG;
+  the data stream is a pure function of the step);
+- a newest checkpoint that cannot be restored is reported, moved to
+  ``workdir/corrupt_checkpoints/`` (nothing is deleted) and the previous one
+  is used;
+- SIGTERM or Ctrl-C: the step in flight finishes, a checkpoint is written,
+  logs are flushed and the run returns normally (exit status 0);
+- a non-finite loss or gradient skips the update (parameters and optimiser
+  state unchanged; counted and logged as ``nonfinite_steps``); after
+  ``max_consecutive_nonfinite`` in a row (checked when metrics are fetched)
+  the run stops with ``FloatingPointError`` naming the step and the last
+  finite values. Skipped updates never change the state, and a state is
+  checked finite before it is written, so no NaN reaches a checkpoint;
+- ``best_feasible``: at each evaluation, if every constraint holds on the
+  evaluation set (mean C <= 0) and the KL is the lowest seen so far, that
+  state is kept in ``workdir/best_feasible`` with ``best_feasible.json``.
+
+Multi-host: with ``config.distributed`` the entry point calls
+``jax.distributed.initialize()``; each process reads its part of every global
+batch, and only process 0 writes logs and the best_feasible record (orbax
+coordinates the checkpoint itself).
+"""
 
 from __future__ import annotations
 
 import functools
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -17,6 +58,9 @@ from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 from etils import epath
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 import geco_jax
 from experiments import setup
@@ -27,16 +71,25 @@ from geco_jax.data import Prefetcher
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything that changes during training; the GECO state is in ``opt_state``."""
+  """Everything that changes during training; the GECO state is in ``opt_state``.
+
+  ``params`` is ``{'model': the model's variables, 'likelihood': the
+  objective's own parameters (log sigma of an ELBO that learns it, else {})}``.
+  """
 
   step: jax.Array
   params: Any
   opt_state: optax.OptState
   rng: jax.Array
+  nonfinite_steps: jax.Array    # updates skipped so far
+  nonfinite_streak: jax.Array   # ... of them in a row, up to this step
 
+
+# ---------------------------------------------------------------- helpers ---
 
 def _image_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
   """[N, H, W, C] -> one [1, rows*H, columns*W, C] image with a 1-pixel border."""
+  images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
   n, h, w, c = images.shape
   rows = -(-n // columns)
   grid = np.ones((rows * (h + 1) + 1, columns * (w + 1) + 1, c), np.float32)
@@ -46,187 +99,471 @@ def _image_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
   return grid[None]
 
 
-def _model_inputs(batch: dict) -> dict:
-  """The parts of a batch the step reads (not, e.g., the sprites' factors)."""
-  return {key: batch[key] for key in ("image", "label") if key in batch}
+def _flatten(config, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, bool)) else str(value)
+  return flat
 
 
-def create_train_state(config, model, tx, image_shape) -> TrainState:
+def to_host(tree):
+  """Replicated (or single-device) arrays to NumPy, also when not fully addressable."""
+  return jax.tree_util.tree_map(
+      lambda x: np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array)
+      else np.asarray(x), tree)
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh, axis ``'data'``, over ``devices`` (default: all devices)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), ("data",))
+
+
+def _device_batch(batch: dict, sharding: NamedSharding, global_batch: bool) -> dict:
+  """NumPy batch -> global jax.Arrays split over the mesh's 'data' axis.
+
+  ``batch`` is this process's part of the global batch, or the whole global
+  batch (``global_batch=True``), of which this process takes its slice.
+  """
+  count, index = jax.process_count(), jax.process_index()
+
+  def put(x):
+    if global_batch and count > 1:
+      part = x.shape[0] // count
+      x = x[index * part:(index + 1) * part]
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+  return {key: put(value) for key, value in batch.items()}
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+# ------------------------------------------------------------------- step ---
+
+def create_train_state(config, model, tx, example_batch: dict) -> TrainState:
+  """The initial state (seeded by ``config.seed``) from one example batch."""
   rng = jax.random.PRNGKey(config.seed)
-  rng, init_rng, sample_rng = jax.random.split(rng, 3)
-  params = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32), sample_rng)
+  rng, init_rng = jax.random.split(rng)
+  params = {"model": setup.init_model(model, init_rng, example_batch),
+            "likelihood": setup.init_likelihood_params(config)}
   return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                    opt_state=tx.init(params), rng=rng)
+                    opt_state=tx.init(params), rng=rng,
+                    nonfinite_steps=jnp.zeros([], jnp.int32),
+                    nonfinite_streak=jnp.zeros([], jnp.int32))
 
 
-def train_step(state: TrainState, batch, *, model, tx, constraint_fn):
-  """One GECO step (Algorithm 1); returns the new state and this step's metrics."""
+def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn: Callable,
+               uses_geco: bool):
+  """One step of the objective (GECO: Algorithm 1); the new state and metrics.
+
+  A non-finite loss or gradient leaves parameters and optimiser state as they
+  were and counts the step in ``nonfinite_steps`` / ``nonfinite_streak``.
+  """
   rng, step_rng = jax.random.split(state.rng)
 
-  images = batch["image"]
+  def objective(params):
+    output = setup.apply_model(model, params["model"], batch, step_rng)
+    loss, (constraint, metrics) = loss_fn(params["likelihood"], batch, output,
+                                          state.opt_state, state.step)
+    return loss, (constraint, metrics, output)
 
-  def loss_fn(params):
-    output = model.apply(params, images, step_rng)
-    kl = jnp.mean(output.kl)
-    constraint = constraint_fn(batch, output)
-    loss = geco_jax.lagrangian(kl, constraint, state.opt_state)
-    return loss, (kl, constraint, output)
-
-  (loss, (kl, constraint, output)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params,
-                                 constraint=constraint)
+  (loss, (constraint, metrics, output)), grads = jax.value_and_grad(
+      objective, has_aux=True)(state.params)
+  extra = {"constraint": constraint} if uses_geco else {}
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "kl": kl,
-             "rmse": jnp.mean(per_pixel_rmse(images, output.reconstruction)),
-             "grad_norm": optax.global_norm(grads)}
-  multiplier = geco_jax.lagrange_multiplier(opt_state)
-  average = geco_jax.constraint_moving_average(opt_state)
+
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+  keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+  params = jax.tree_util.tree_map(keep, params, state.params)
+  opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
+  streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+  nonfinite_steps = state.nonfinite_steps + jnp.where(finite, 0, 1)
+
+  metrics = dict(metrics)
+  metrics.update({
+      "loss": loss,
+      "rmse": jnp.mean(per_pixel_rmse(batch["image"], output.reconstruction)),
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
+      "update_norm": optax.tree.norm(updates),
+      "finite": finite.astype(jnp.float32),
+      "nonfinite_steps": nonfinite_steps,
+      "nonfinite_streak": streak,
+  })
   for name in constraint:
     metrics[f"constraint/{name}"] = constraint[name]
-    metrics[f"constraint_ma/{name}"] = average[name]
-    metrics[f"lambda/{name}"] = multiplier[name]
+  if uses_geco:
+    multiplier = geco_jax.lagrange_multiplier(opt_state)
+    average = geco_jax.constraint_moving_average(opt_state)
+    for name in constraint:
+      metrics[f"constraint_ma/{name}"] = average[name]
+      metrics[f"lambda/{name}"] = multiplier[name]
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                         rng=rng)
+                         rng=rng, nonfinite_steps=nonfinite_steps,
+                         nonfinite_streak=streak)
   return new_state, metrics
 
 
-def evaluate(state: TrainState, test: dict, batch_size: int, *, model, constraint_fn,
-             seed: int) -> dict[str, float]:
-  """Means over the test split, iterated exactly once (one z per example)."""
+class Experiment:
+  """A config made concrete: data, model, objective and the compiled step.
 
-  @jax.jit
-  def eval_batch(params, batch, rng):
-    images = batch["image"]
-    output = model.apply(params, images, rng)
-    constraint = constraint_fn(batch, output)
-    return {"kl": jnp.mean(output.kl),
-            "rmse": jnp.mean(per_pixel_rmse(images, output.reconstruction)),
-            **{f"constraint/{k}": v for k, v in constraint.items()}}
+  Args:
+    config: a validated experiment config.
+    data: ``setup.make_dataset(config)``.
+    devices: the devices of the mesh (default: all devices of all processes).
+  """
 
-  totals, count = {}, 0
-  rng = jax.random.PRNGKey(seed)
-  batcher = EpochBatcher(test, batch_size, seed=seed, shuffle=False, drop_remainder=False)
-  for i, batch in enumerate(batcher.iterate_once()):
-    n = len(batch["image"])
-    values = jax.device_get(eval_batch(state.params, _model_inputs(batch),
-                                       jax.random.fold_in(rng, i)))
-    for key, value in values.items():
-      totals[key] = totals.get(key, 0.0) + float(value) * n
-    count += n
-  return {key: total / count for key, total in totals.items()}
+  def __init__(self, config: ml_collections.ConfigDict, data: dict, devices=None):
+    self.config = config
+    self.data = data
+    self.mesh = make_mesh(devices)
+    self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.num_devices = self.mesh.devices.size
+    if config.batch_size % self.num_devices:
+      raise setup.ConfigError(
+          f"config.batch_size ({config.batch_size}) must be divisible by the number "
+          f"of devices ({self.num_devices}).")
+    image_shape = data["train"]["image"].shape[1:]
+    self.model = setup.make_model(config, image_shape)
+    self.tx = setup.make_optimizer(config)
+    self.uses_geco = config.objective == "geco"
+    self.constraint_fn = setup.make_constraint_fn(config)
+    loss_fn = setup.make_loss_fn(config, self.constraint_fn)
+    self.train_batches = EpochBatcher(
+        data["train"], config.batch_size, seed=config.seed,
+        shard_index=jax.process_index(), num_shards=jax.process_count())
+    self.step_fn = jax.jit(
+        functools.partial(train_step, model=self.model, tx=self.tx, loss_fn=loss_fn,
+                          uses_geco=self.uses_geco),
+        in_shardings=(self.replicated, self.batch_sharding),
+        out_shardings=(self.replicated, self.replicated),
+        donate_argnums=0)
+
+  def initial_state(self) -> TrainState:
+    example = {k: v[:1] for k, v in self.data["train"].items()}
+    state = jax.jit(
+        lambda: create_train_state(self.config, self.model, self.tx, example),
+        out_shardings=self.replicated)()
+    return state
+
+  def device_batch(self, batch: dict) -> dict:
+    """This process's part of a global batch, as arrays split over the mesh."""
+    return _device_batch(batch, self.batch_sharding, global_batch=False)
+
+  def batch_at(self, step: int) -> dict:
+    """The training batch of global step ``step`` (0-based), on the devices."""
+    return self.device_batch(self.train_batches.batch_at(step))
+
+  # Evaluation ------------------------------------------------------------ #
+
+  @functools.cached_property
+  def _eval_fn(self):
+    model, constraint_fn = self.model, self.constraint_fn
+
+    def sums(params, batch, mask, rng):
+      output = setup.apply_model(model, params["model"], batch, rng)
+      per_example = {
+          "kl": output.kl,
+          "rmse": per_pixel_rmse(batch["image"], output.reconstruction),
+          "squared_error": jnp.sum(jnp.square(
+              batch["image"] - output.reconstruction).reshape(mask.shape[0], -1), axis=1),
+          **{f"constraint/{k}": v for k, v in constraint_fn(batch, output).items()}}
+      return {k: jnp.sum(v * mask) for k, v in per_example.items()}
+
+    return jax.jit(sums, in_shardings=(self.replicated, self.batch_sharding,
+                                       self.batch_sharding, self.replicated),
+                   out_shardings=self.replicated)
+
+  def evaluate(self, state: TrainState, split: str = "test",
+               num_examples: Optional[int] = None, seed: int = 1) -> dict[str, float]:
+    """Means over (the first ``num_examples`` of) a split, one z per example.
+
+    Batches have the training batch size; the last one is padded and masked,
+    so every batch has one shape (one compilation) and splits over devices.
+    ``nll`` is the per-example Gaussian NLL at the split's own optimal global
+    sigma (continuous, not quantized; see ``geco_jax.objectives``).
+    """
+    arrays = self.data[split]
+    total = len(arrays["image"])
+    if num_examples is not None:
+      total = min(total, num_examples)
+    arrays = {k: v[:total] for k, v in arrays.items()}
+    size = self.config.batch_size
+    rng = jax.random.PRNGKey(seed)
+    sums: dict[str, float] = {}
+    for i, start in enumerate(range(0, total, size)):
+      batch = {k: v[start:start + size] for k, v in arrays.items()}
+      n = len(batch["image"])
+      mask = np.zeros([size], np.float32)
+      mask[:n] = 1.0
+      if n < size:
+        batch = {k: np.concatenate([v, np.repeat(v[:1], size - n, axis=0)])
+                 for k, v in batch.items()}
+      out = to_host(self._eval_fn(
+          state.params, _device_batch(batch, self.batch_sharding, True),
+          _device_batch({"m": mask}, self.batch_sharding, True)["m"],
+          jax.random.fold_in(rng, i)))
+      for key, value in out.items():
+        sums[key] = sums.get(key, 0.0) + float(value)
+    means = {key: value / total for key, value in sums.items()}
+    num_values = math.prod(arrays["image"].shape[1:])
+    variance = max(means.pop("squared_error") / num_values, 1e-12)
+    means["nll"] = 0.5 * num_values * (math.log(2 * math.pi * variance) + 1.0)
+    return means
+
+  # Images ---------------------------------------------------------------- #
+
+  @functools.cached_property
+  def _images_fn(self):
+    model, num = self.model, self.config.num_image_samples
+
+    def images(params, batch, rng):
+      output = setup.apply_model(model, params["model"], batch, rng)
+      samples = setup.sample_model(model, params["model"], rng, num, batch)
+      return output.reconstruction, samples
+
+    return jax.jit(images, out_shardings=self.replicated)
+
+  def image_grids(self, state: TrainState, step: int) -> dict[str, np.ndarray]:
+    preview = {k: v[:self.config.num_image_samples] for k, v in self.data["test"].items()}
+    rng = jax.random.fold_in(jax.random.PRNGKey(0), step)
+    reconstructions, samples = to_host(self._images_fn(
+        state.params, jax.tree_util.tree_map(jnp.asarray, preview), rng))
+    grids = {"data": _image_grid(preview["image"]),
+             "reconstructions": _image_grid(reconstructions),
+             "prior_samples": _image_grid(samples)}
+    if "context" in preview:
+      grids["context"] = _image_grid(preview["context"][:, 0])
+    return grids
 
 
-def _write_images(writer, step: int, state: TrainState, images: np.ndarray, *,
-                  model, num_samples: int) -> None:
-  rng = jax.random.fold_in(jax.random.PRNGKey(0), step)
-  output = model.apply(state.params, jnp.asarray(images), rng)
-  samples = model.apply(state.params, rng, num_samples, method=model.sample)
-  writer.write_images(step, {
-      "data": _image_grid(images),
-      "reconstructions": _image_grid(np.asarray(output.reconstruction)),
-      "prior_samples": _image_grid(np.asarray(samples)),
-  })
+# ------------------------------------------------------------ checkpoints ---
+
+def _restore_newest(manager: ocp.CheckpointManager, target: TrainState,
+                    workdir: epath.Path) -> Optional[TrainState]:
+  """The newest checkpoint that restores and is finite; broken ones moved aside."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(target))
+      if not bool(to_host(_all_finite(state.params))):
+        raise ValueError("it holds non-finite parameters")
+      return state
+    except Exception as e:  # pylint: disable=broad-except
+      message = " ".join(str(e).split())[:300]
+      aside = workdir / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
+      logging.error("Checkpoint of step %d cannot be restored (%s: %s); moved to %s, "
+                    "trying the previous one.", step, type(e).__name__, message, aside)
+      print(f"warning: checkpoint of step {step} cannot be restored ({type(e).__name__}:"
+            f" {message}); moved to {aside}; trying the previous one.", file=sys.stderr)
+      if jax.process_index() == 0:
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(os.fspath(manager.directory / str(step)), os.fspath(aside))
+      manager.reload()
+  return None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+class _StopRequest:
+  """SIGTERM / SIGINT set a flag the loop reads between steps (main thread only)."""
+
+  def __init__(self):
+    self.signal: Optional[int] = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None:  # a second signal: stop now
+      raise KeyboardInterrupt
+    self.signal = signum
+    logging.warning("Received %s: saving a checkpoint and stopping.",
+                    signal.Signals(signum).name)
+
+  def __exit__(self, *exc_info):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class _BestFeasible:
+  """The lowest-KL state whose constraints all hold on the evaluation set."""
+
+  def __init__(self, workdir: epath.Path):
+    self.record_path = workdir / "best_feasible.json"
+    self.manager = ocp.CheckpointManager(
+        workdir / "best_feasible", options=ocp.CheckpointManagerOptions(max_to_keep=1))
+    self.record = (json.loads(self.record_path.read_text())
+                   if self.record_path.exists() else None)
+
+  def update(self, state: TrainState, step: int, eval_metrics: dict) -> bool:
+    constraints = {k[len("constraint/"):]: v for k, v in eval_metrics.items()
+                   if k.startswith("constraint/")}
+    if not constraints or not all(v <= 0 for v in constraints.values()):
+      return False
+    if self.record is not None and eval_metrics["kl"] >= self.record["kl"]:
+      return False
+    self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    self.manager.wait_until_finished()
+    self.record = {"step": step, "kl": eval_metrics["kl"], "constraints": constraints,
+                   "eval": eval_metrics}
+    if jax.process_index() == 0:  # written after the checkpoint is complete
+      tmp = self.record_path.parent / (self.record_path.name + ".tmp")
+      tmp.write_text(json.dumps(self.record, indent=1, sort_keys=True))
+      os.replace(tmp, self.record_path)
+    return True
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+# ------------------------------------------------------------------- loop ---
+
+def _host_metrics(fetched: list[dict]) -> dict[str, float]:
+  """Means over the fetched steps whose update was applied; state-like values last."""
+  finite = [m for m in fetched if m["finite"] > 0]
+  out = {}
+  if finite:
+    out = {k: float(np.mean([m[k] for m in finite])) for k in finite[0]}
+    for k, v in finite[-1].items():
+      if k.startswith(("lambda/", "constraint_ma/")):
+        out[k] = float(v)
+  for key in ("nonfinite_steps", "nonfinite_streak"):
+    out[key] = float(fetched[-1][key])
+  out.pop("finite", None)
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices=None, data: Optional[dict] = None) -> dict[str, Any]:
   """Train, log and checkpoint into ``workdir``; return the final summary.
 
   A run started again in the same workdir resumes from its newest checkpoint.
+  ``data`` is ``setup.make_dataset(config)`` (loaded here when not given);
+  ``devices`` those of the mesh (default: all).
+
+  Raises:
+    setup.ConfigError: a config or dataset problem (before anything compiles).
+    FloatingPointError: ``max_consecutive_nonfinite`` skipped updates in a row.
   """
   setup.validate_config(config)
   started = time.time()
-
-  # Input ------------------------------------------------------------------ #
-  data = setup.make_dataset(config)
+  if data is None:
+    data = setup.make_dataset(config)
+  experiment = Experiment(config, data, devices)
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  image_shape = data["train"]["image"].shape[1:]
-  train_batches = EpochBatcher(data["train"], config.batch_size, seed=config.seed)
 
-  # Model and optimiser ---------------------------------------------------- #
-  model = setup.make_model(config, image_shape)
-  tx = setup.make_optimizer(config)
-  constraint_fn = setup.make_constraint_fn(config)
-  state = create_train_state(config, model, tx, image_shape)
-
+  state = experiment.initial_state()
   checkpoints = ocp.CheckpointManager(
       workdir / "checkpoints",
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.max_checkpoints_to_keep))
-  if checkpoints.latest_step() is not None:
-    state = checkpoints.restore(checkpoints.latest_step(),
-                                args=ocp.args.StandardRestore(state))
-    logging.info("Resumed from the checkpoint of step %d.", int(state.step))
-  first_step = int(state.step)
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints_to_keep))
+  restored = _restore_newest(checkpoints, state, workdir)
+  if restored is not None:
+    state = restored
+    logging.info("Resumed from the checkpoint of step %d.", int(to_host(state.step)))
+  first_step = int(to_host(state.step))
+  best_feasible = _BestFeasible(workdir)
 
-  # Update step ------------------------------------------------------------ #
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, constraint_fn=constraint_fn),
-      donate_argnums=0)
-
-  writer = metric_writers.create_default_writer(
-      str(workdir), just_logging=jax.process_index() > 0)
+  is_writer = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_writer)
   if first_step == 0:
-    writer.write_hparams({k: str(v) for k, v in config.to_dict().items()
-                          if not isinstance(v, dict)})
+    writer.write_hparams(_flatten(config))
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=config.num_steps, writer=writer, every_steps=config.log_every)
-  preview = data["test"]["image"][:config.num_image_samples]
 
-  pending = []
+  pending: list = []
   last_metrics: dict[str, float] = {}
-  # Batches are cut in a background thread while the device runs the step.
-  batches = Prefetcher(train_batches.iterate(start_step=first_step), buffer_size=2)
-  try:
-    for step in range(first_step + 1, config.num_steps + 1):
-      batch = next(batches)
-      state, metrics = step_fn(state, _model_inputs(batch))
-      pending.append(metrics)
-      report_progress(step, time.time())
-      checkpoint_now = step % config.checkpoint_every == 0 or step == config.num_steps
-      if step % config.log_every == 0 or checkpoint_now:
-        # Also before every checkpoint, so that a diverged state is never saved.
-        # Metrics stay on the device between logs: one host transfer per k steps.
-        fetched = jax.device_get(pending)
-        pending = []
-        last_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        last_metrics.update({k: float(v) for k, v in fetched[-1].items()
-                             if k.startswith(("lambda/", "constraint_ma/"))})
-        diverged = sorted(k for k, v in last_metrics.items() if not np.isfinite(v))
-        if diverged:
-          raise FloatingPointError(
-              f"training diverged: non-finite {', '.join(diverged)} by step {step}; "
-              + (f"the newest checkpoint (step {checkpoints.latest_step()}) is kept. "
-                 if checkpoints.latest_step() is not None else "no checkpoint written. ")
-              + "Try a smaller optimizer.learning_rate or geco.lambda_lr, or set "
-              "geco.lambda_max.")
-        writer.write_scalars(step, last_metrics)
-      if step % config.image_every == 0 or step == config.num_steps:
-        _write_images(writer, step, state, preview, model=model,
-                      num_samples=config.num_image_samples)
-      if checkpoint_now:
-        checkpoints.save(step, args=ocp.args.StandardSave(state), force=True)
-  finally:
-    batches.close()
+  last_finite: dict[str, float] = {}
+  eval_metrics: dict[str, float] = {}
+  step = first_step
+  batches = Prefetcher(experiment.train_batches.iterate(start_step=first_step),
+                       buffer_size=2, transform=experiment.device_batch)
+  with _StopRequest() as stop:
+    try:
+      for step in range(first_step + 1, config.num_steps + 1):
+        state, metrics = experiment.step_fn(state, next(batches))
+        pending.append(metrics)
+        report_progress(step, time.time())
+        last = step == config.num_steps or stop.signal is not None
+        checkpoint_now = step % config.checkpoint_every == 0 or last
+        if step % config.log_every == 0 or checkpoint_now:
+          # One host transfer per k steps; also before every checkpoint.
+          fetched = to_host(pending)
+          pending = []
+          last_metrics = _host_metrics(fetched)
+          if fetched[-1]["finite"] > 0:
+            last_finite = {"step": step, **last_metrics}
+          streak = int(last_metrics["nonfinite_streak"])
+          if streak >= config.max_consecutive_nonfinite:
+            raise FloatingPointError(
+                f"training stopped at step {step}: {streak} updates in a row (from step "
+                f"{step - streak + 1}) had a non-finite loss or gradient and were "
+                "skipped. Last finite values"
+                + (f" (step {last_finite['step']}): " + ", ".join(
+                    f"{k}={v:.4g}" for k, v in sorted(last_finite.items())
+                    if k in ("loss", "kl", "rmse", "grad_norm") or k.startswith("lambda/"))
+                   if last_finite else ": none in this run")
+                + f". The newest checkpoint (step {checkpoints.latest_step()}) is kept. "
+                "Try a smaller optimizer.learning_rate or geco.lambda_lr, or set "
+                "geco.lambda_max.")
+          writer.write_scalars(step, last_metrics)
+        if step % config.image_every == 0 or last:
+          writer.write_images(step, experiment.image_grids(state, step))
+        if checkpoint_now:
+          if not bool(to_host(_all_finite(state.params))):
+            raise FloatingPointError(f"non-finite parameters at step {step}; the newest "
+                                     f"checkpoint (step {checkpoints.latest_step()}) is kept.")
+          checkpoints.save(step, args=ocp.args.StandardSave(state), force=True)
+        if (step % config.eval_every == 0 or step == config.num_steps) and not stop.signal:
+          eval_metrics = experiment.evaluate(state, "test", config.eval_num_examples,
+                                             seed=config.seed + 1)
+          writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+          if best_feasible.update(state, step, eval_metrics):
+            logging.info("Step %d: best feasible so far (eval KL %.4g).", step,
+                         eval_metrics["kl"])
+        if stop.signal is not None:
+          break
+    finally:
+      batches.close()
+      writer.flush()
+      checkpoints.wait_until_finished()
+      checkpoints.close()
+      best_feasible.close()
 
-  # Evaluation ------------------------------------------------------------- #
-  eval_metrics = evaluate(state, data["test"], config.batch_size, model=model,
-                          constraint_fn=constraint_fn, seed=config.seed + 1)
-  writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in eval_metrics.items()})
-  writer.flush()
-  checkpoints.wait_until_finished()
-  checkpoints.close()
-
-  final_ma = jax.device_get(geco_jax.constraint_moving_average(state.opt_state))
-  final_lambda = jax.device_get(geco_jax.lagrange_multiplier(state.opt_state))
-  return {
-      "step": int(state.step),
+  if not eval_metrics and stop.signal is None:  # e.g. resumed from the final step
+    eval_metrics = experiment.evaluate(state, "test", config.eval_num_examples,
+                                       seed=config.seed + 1)
+  summary: dict[str, Any] = {
+      "step": int(to_host(state.step)),
+      "interrupted": stop.signal is not None,
       "train_kl": last_metrics.get("kl"),
       "train_rmse": last_metrics.get("rmse"),
-      "constraint_ma": {k: float(v) for k, v in final_ma.items()},
-      "lambda": {k: float(v) for k, v in final_lambda.items()},
-      "satisfied": bool(all(float(v) <= 0 for v in final_ma.values())),
+      "nonfinite_steps": int(to_host(state.nonfinite_steps)),
       "eval": eval_metrics,
+      "best_feasible": best_feasible.record,
       "seconds": time.time() - started,
   }
+  if experiment.uses_geco:
+    final_ma = to_host(geco_jax.constraint_moving_average(state.opt_state))
+    final_lambda = to_host(geco_jax.lagrange_multiplier(state.opt_state))
+    summary.update({
+        "constraint_ma": {k: float(v) for k, v in final_ma.items()},
+        "lambda": {k: float(v) for k, v in final_lambda.items()},
+        "satisfied": bool(all(float(v) <= 0 for v in final_ma.values())),
+    })
+  if "sigma" in last_metrics:
+    summary["sigma"] = last_metrics["sigma"]
+  return summary

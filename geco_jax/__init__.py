@@ -3,12 +3,16 @@
 The core is an optax gradient transformation, ``geco``, whose Lagrange state
 lives in the optimiser state; ``lagrangian`` builds the loss from it and
 ``lagrange_multiplier`` reads the multiplier back. ``constraints`` holds the
-paper's constraint functions (RE, FRE, CLA, pNCC, KL) and ``dual`` the
-optimisers for the multiplier.
+paper's constraint functions (RE, FRE, CLA, pNCC, KL), ``dual`` the
+optimisers for the multiplier, ``objectives`` the ELBO baselines (fixed,
+learned or GQN-annealed sigma) and ``metrics`` the paper's evaluation
+(sigma-independent NLL, average and marginal KL).
 """
 
 from geco_jax import constraints
 from geco_jax import dual
+from geco_jax import metrics
+from geco_jax import objectives
 from geco_jax.geco import GecoState
 from geco_jax.geco import constraint_moving_average
 from geco_jax.geco import find_geco_state
@@ -27,4 +31,6 @@ __all__ = [
     "geco",
     "lagrange_multiplier",
     "lagrangian",
+    "metrics",
+    "objectives",
 ]

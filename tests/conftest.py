@@ -5,6 +5,7 @@ import os
 # Must happen before JAX initialises its backend.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import jax  # noqa: E402
 

@@ -38,6 +38,16 @@ def _summary(result) -> dict:
      "tolerance"),
     (["--config", "configs/default.py", "--config.geco.alpha=1.5"], "alpha"),
     (["--config", "configs/default.py", "--config.dataset.name=imagenet"], "dataset.name"),
+    (["--config", "configs/default.py", "--config.objective=vae"], "objective"),
+    (["--config", "configs/default.py", "--config.model.name=convdraw"], "model.preset"),
+    (["--config", "configs/default.py", "--config.model.name=convdraw",
+      "--config.model.preset=mnist_cpu"], "ConvDraw has no such argument"),
+    (["--config", "configs/convdraw_mnist.py", "--config.dataset.name=mnist_sum"],
+     "conditional_convdraw"),
+    (["--config", "configs/convdraw_mnist_sum.py", "--config.model.name=convdraw"],
+     "(context, target)"),
+    (["--config", "configs/convdraw_mnist.py:huge"], "accelerator"),
+    (["--config", "configs/default.py", "--config.batch_size=30000"], "batch_size"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path, args, message):
   result = _run(*args, "--workdir", str(tmp_path / "run"))
@@ -47,6 +57,21 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path, args, message):
   assert message in lines[0]
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "run").exists(), "nothing is written for a bad config"
+
+
+def test_an_unknown_field_in_a_config_file_is_an_error(tmp_path):
+  config_file = tmp_path / "typo.py"
+  config_file.write_text(
+      "from configs import default\n"
+      "def get_config():\n"
+      "  config = default.get_config()\n"
+      "  config.optimizer.learnig_rate = 1e-3\n"
+      "  return config\n")
+  result = _run("--config", str(config_file), "--workdir", str(tmp_path / "run"))
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().splitlines() == [
+      line for line in result.stderr.strip().splitlines() if line.startswith("error: ")]
+  assert "optimizer.learnig_rate" in result.stderr
 
 
 def test_missing_workdir_is_an_error(tmp_path):
@@ -74,8 +99,10 @@ def test_short_run_logs_checkpoints_and_resumes(tmp_path):
       event_accumulator.TENSORS: 0})
   accumulator.Reload()
   tags = set(accumulator.Tags()["tensors"])
-  for tag in ("kl", "loss", "lambda/re", "constraint/re", "constraint_ma/re",
-              "steps_per_sec", "data", "reconstructions", "prior_samples"):
+  for tag in ("kl", "loss", "lambda/re", "constraint/re", "constraint_ma/re", "nll",
+              "grad_norm", "param_norm", "update_norm", "nonfinite_steps",
+              "steps_per_sec", "eval/kl", "eval/nll", "eval/constraint/re",
+              "data", "reconstructions", "prior_samples"):
     assert tag in tags, (tag, sorted(tags))
 
   # Started again in the same workdir with more steps, it resumes at step 30.
@@ -88,9 +115,12 @@ def test_short_run_logs_checkpoints_and_resumes(tmp_path):
   # A run that diverges says so in one line, exits 1 and leaves the checkpoints as they were.
   diverged = _run("--config", "configs/default.py", "--workdir", str(workdir),
                   *SHORT[1:], "--config.num_steps=60", "--config.log_every=5",
+                  "--config.max_consecutive_nonfinite=3",
                   "--config.optimizer.learning_rate=1e8")
   assert diverged.returncode == 1, diverged.stderr[-3000:]
-  assert "error: training diverged" in diverged.stderr.strip().splitlines()[-1]
+  last_line = diverged.stderr.strip().splitlines()[-1]
+  assert "error: training stopped at step" in last_line, last_line
+  assert "non-finite loss or gradient" in last_line
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
                 if p.name.isdigit())[-1] == 40
 

@@ -1,0 +1,19 @@
+r"""Unconditional ConvDraw on MNIST-triplets (x1 x2 x3 side by side, 28x84, with
+l3 = (l1 + l2) mod 10) with GECO, RE constraint (paper section 4.2: does the
+model learn the relation?).
+
+  GECO_DATA_DIR=../shared/data python -m experiments.main \
+      --config configs/convdraw_mnist_triplets.py --workdir runs/convdraw_mnist_triplets
+
+``:accelerator`` after the file name selects the paper-sized model and
+schedule. Baselines with the same model: ``--config.objective=elbo`` (fixed
+sigma; add ``--config.elbo.learn_sigma=True`` to learn it) or
+``--config.objective=elbo_annealed`` (GQN's sigma schedule, 2.0 -> 0.7).
+"""
+
+from configs import paper
+
+
+def get_config(arg=None):
+  config = paper.convdraw("mnist_triplets", "mnist", arg)
+  return config

@@ -1,0 +1,18 @@
+r"""VAE with a RealNVP posterior (VAE+NVP) on MNIST with GECO, RE constraint
+(paper section 4.1).
+
+  GECO_DATA_DIR=../shared/data python -m experiments.main \
+      --config configs/nvp_mnist.py --workdir runs/nvp_mnist
+
+``:accelerator`` after the file name selects the paper-sized model and
+schedule. Baselines with the same model: ``--config.objective=elbo`` (fixed
+sigma; add ``--config.elbo.learn_sigma=True`` to learn it) or
+``--config.objective=elbo_annealed`` (GQN's sigma schedule, 2.0 -> 0.7).
+"""
+
+from configs import paper
+
+
+def get_config(arg=None):
+  config = paper.vae_nvp("mnist", arg)
+  return config

@@ -1,0 +1,67 @@
+"""Shared builders of the paper's experiment configs (one file per experiment).
+
+Each ``configs/<model>_<dataset>.py`` calls one builder here and states, in its
+docstring, the command that runs it and what it reproduces. A config takes an
+optional argument after a colon: ``cpu`` (default; sized for a 2-core CPU) or
+``accelerator`` (the paper-sized model), e.g.
+``--config configs/convdraw_mnist.py:accelerator``.
+"""
+
+import ml_collections
+
+from configs import base
+
+SIZES = ("cpu", "accelerator")
+
+
+def _size(arg) -> str:
+  size = arg or "cpu"
+  if size not in SIZES:
+    raise ValueError(f"config argument must be one of {SIZES}; got {size!r}.")
+  return size
+
+
+def _common(dataset: str, source: str, size: str) -> ml_collections.ConfigDict:
+  config = base.get_config()
+  config.dataset.name = dataset
+  config.dataset.source = source
+  config.batch_size = 32 if size == "cpu" else 64
+  config.num_steps = 3000 if size == "cpu" else 200_000
+  config.elbo.anneal_steps = config.num_steps // 2   # GQN: 200k of 1.6M+ steps
+  config.optimizer.learning_rate = 1e-3 if size == "cpu" else 5e-4
+  config.log_every = 50 if size == "cpu" else 500
+  config.image_every = 500 if size == "cpu" else 5000
+  config.eval_every = 1000 if size == "cpu" else 10000
+  config.eval_num_examples = 1000 if size == "cpu" else None
+  config.checkpoint_every = 500 if size == "cpu" else 5000
+  config.num_image_samples = 16 if size == "cpu" else 64
+  return config
+
+
+def add_re(config, tolerance: float, lambda_lr: float = 1e-4):
+  """RE constraint: per-pixel RMSE <= tolerance (paper Table 1)."""
+  config.constraints.re = ml_collections.ConfigDict()
+  config.constraints.re.tolerance = tolerance
+  config.constraints.re.lambda_lr = lambda_lr
+  return config
+
+
+def convdraw(dataset: str, preset_family: str, arg=None, *, source: str = "npz",
+             tolerance: float = 0.1, conditional: bool = False):
+  """ConvDraw (or conditional ConvDraw) with GECO and an RE constraint."""
+  size = _size(arg)
+  config = _common(dataset, source, size)
+  config.model.name = "conditional_convdraw" if conditional else "convdraw"
+  config.model.preset = f"{preset_family}_{size}"
+  return add_re(config, tolerance)
+
+
+def vae_nvp(dataset: str, arg=None, *, source: str = "npz", tolerance: float = 0.1,
+            preset=None):
+  """VAE with a RealNVP posterior, GECO with an RE constraint."""
+  size = _size(arg)
+  config = _common(dataset, source, size)
+  config.model.name = "vae_nvp"
+  config.model.preset = preset or size
+  config.batch_size = 64
+  return add_re(config, tolerance)

@@ -1,0 +1,294 @@
+"""The trainer's promises: resumption, preemption, broken checkpoints, NaNs,
+best_feasible, baselines, data parallelism, and every model trains."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import default as default_config
+from experiments import setup
+from experiments import train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def tiny_config(**overrides):
+  config = default_config.get_config()
+  config.batch_size = 16
+  config.num_steps = 8
+  config.dataset.num_train = 256
+  config.dataset.num_test = 40
+  config.dataset.image_size = 16
+  config.model.channels = (4, 8)
+  config.model.hidden_size = 16
+  config.model.latent_size = 4
+  config.log_every = 2
+  config.image_every = 1000
+  config.eval_every = 1000
+  config.checkpoint_every = 4
+  config.num_image_samples = 4
+  config.geco.lambda_lr = 1e-3
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return config
+
+
+def restore_state(workdir, step=None):
+  manager = ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints")
+  step = manager.latest_step() if step is None else step
+  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  return restored
+
+
+def test_resuming_gives_the_same_run_as_training_straight(tmp_path):
+  straight = train.train_and_evaluate(tiny_config(num_steps=8), str(tmp_path / "a"))
+  train.train_and_evaluate(tiny_config(num_steps=4), str(tmp_path / "b"))
+  resumed = train.train_and_evaluate(tiny_config(num_steps=8), str(tmp_path / "b"))
+  assert straight["step"] == resumed["step"] == 8
+  a, b = restore_state(tmp_path / "a"), restore_state(tmp_path / "b")
+  np.testing.assert_allclose(straight["lambda"]["re"], resumed["lambda"]["re"], rtol=1e-6)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_previous_one_used(
+    tmp_path, capfd):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(num_steps=8), str(workdir))
+  newest = workdir / "checkpoints" / "8"
+  broken = [p for p in newest.rglob("*") if p.is_file() and p.stat().st_size > 0]
+  for path in broken:
+    path.write_bytes(path.read_bytes()[:5])   # truncated files
+  summary = train.train_and_evaluate(tiny_config(num_steps=12), str(workdir))
+  err = capfd.readouterr().err
+  assert "checkpoint of step 8 cannot be restored" in err
+  aside = list((workdir / "corrupt_checkpoints").iterdir())
+  assert len(aside) == 1 and aside[0].name.startswith("8-"), "kept, not deleted"
+  assert summary["step"] == 12
+  # Resumed from step 4, so the run equals a straight 12-step run.
+  straight = train.train_and_evaluate(tiny_config(num_steps=12), str(tmp_path / "s"))
+  np.testing.assert_allclose(summary["lambda"]["re"], straight["lambda"]["re"], rtol=1e-6)
+
+
+def test_best_feasible_keeps_the_lowest_kl_state_that_meets_every_constraint(tmp_path):
+  config = tiny_config(num_steps=12, eval_every=4, **{"constraints.re.tolerance": 0.9})
+  summary = train.train_and_evaluate(config, str(tmp_path / "easy"))
+  record = json.loads((tmp_path / "easy" / "best_feasible.json").read_text())
+  assert record == summary["best_feasible"]
+  assert record["step"] in (4, 8, 12) and all(v <= 0 for v in record["constraints"].values())
+  manager = ocp.CheckpointManager(tmp_path / "easy" / "best_feasible")
+  assert manager.all_steps() == [record["step"]]
+  manager.close()
+
+  impossible = tiny_config(num_steps=4, eval_every=4, **{"constraints.re.tolerance": 0.0})
+  summary = train.train_and_evaluate(impossible, str(tmp_path / "hard"))
+  assert summary["best_feasible"] is None
+  assert not (tmp_path / "hard" / "best_feasible.json").exists()
+
+
+def test_a_non_finite_step_is_skipped_and_the_state_unchanged():
+  config = tiny_config()
+  experiment = train.Experiment(config, setup.make_dataset(config))
+  state = experiment.initial_state()
+  before = jax.tree_util.tree_map(np.asarray, state.params)
+  lam_before = float(train.to_host(state.opt_state[0].lagrange_multiplier["re"]))
+  batch = experiment.train_batches.batch_at(0)
+  batch["image"] = batch["image"].copy()
+  batch["image"][0, 0, 0, 0] = np.nan
+  state, metrics = experiment.step_fn(state, experiment.device_batch(batch))
+  metrics = train.to_host(metrics)
+  assert metrics["finite"] == 0 and metrics["nonfinite_streak"] == 1
+  assert int(train.to_host(state.step)) == 1
+  for x, y in zip(jax.tree_util.tree_leaves(before),
+                  jax.tree_util.tree_leaves(state.params)):
+    np.testing.assert_array_equal(x, np.asarray(y))
+  assert float(train.to_host(state.opt_state[0].lagrange_multiplier["re"])) == lam_before
+  state, metrics = experiment.step_fn(state, experiment.batch_at(1))
+  assert train.to_host(metrics)["finite"] == 1
+  assert int(train.to_host(state.nonfinite_streak)) == 0
+  assert int(train.to_host(state.nonfinite_steps)) == 1
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_the_run_and_keep_the_checkpoint(
+    tmp_path, monkeypatch):
+  make_loss_fn = setup.make_loss_fn
+
+  def poisoned(config, constraint_fn):
+    loss_fn = make_loss_fn(config, constraint_fn)
+
+    def fn(likelihood, batch, output, opt_state, step):
+      loss, aux = loss_fn(likelihood, batch, output, opt_state, step)
+      return jnp.where(step >= 5, jnp.nan, loss), aux
+
+    return fn
+
+  monkeypatch.setattr(setup, "make_loss_fn", poisoned)
+  config = tiny_config(num_steps=20, log_every=1, max_consecutive_nonfinite=3)
+  with pytest.raises(FloatingPointError, match=r"stopped at step 8: 3 updates in a row "
+                     r"\(from step 6\).*Last finite values \(step 5\)"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  manager = ocp.CheckpointManager(tmp_path / "run" / "checkpoints")
+  assert manager.all_steps() == [4]
+  manager.close()
+  state = restore_state(tmp_path / "run")
+  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state))
+
+
+@pytest.mark.parametrize("objective, learn", [("elbo", False), ("elbo", True),
+                                              ("elbo_annealed", False)])
+def test_elbo_baselines_train_and_report_sigma(tmp_path, objective, learn):
+  config = tiny_config(objective=objective, num_steps=8,
+                       **{"elbo.learn_sigma": learn, "elbo.sigma": 0.5,
+                          "elbo.anneal_steps": 4})
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert "lambda" not in summary and summary["step"] == 8
+  assert np.isfinite(summary["eval"]["nll"])
+  assert "constraint/re" in summary["eval"]   # ELBO runs still report the constraint
+  if objective == "elbo_annealed":
+    assert summary["sigma"] == pytest.approx(0.7)   # annealing ended at step 4
+  elif learn:
+    assert summary["sigma"] != pytest.approx(0.5)   # sigma was learned
+    state = restore_state(tmp_path / "run")
+    assert float(np.exp(state["params"]["likelihood"]["log_sigma"])) != pytest.approx(0.5)
+  else:
+    assert summary["sigma"] == pytest.approx(0.5)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+  workdir = tmp_path / "run"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  process = subprocess.Popen(
+      [sys.executable, "-m", "experiments.main", "--config", "configs/default.py",
+       "--workdir", str(workdir), "--config.num_steps=100000",
+       "--config.checkpoint_every=5", "--config.log_every=5",
+       "--config.dataset.num_train=256", "--config.dataset.num_test=40",
+       "--config.dataset.image_size=16", "--config.model.channels=(4, 8)",
+       "--config.model.hidden_size=16", "--config.batch_size=16"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 240
+    while not (workdir / "checkpoints" / "5").exists():
+      assert process.poll() is None, process.communicate()
+      assert time.time() < deadline, "no checkpoint after 240 s"
+      time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == 0, err[-2000:]
+  summary = json.loads([l for l in out.splitlines() if l.startswith("final: ")][0][7:])
+  assert summary["interrupted"] and 5 <= summary["step"] < 100000
+  manager = ocp.CheckpointManager(workdir / "checkpoints")
+  assert manager.latest_step() == summary["step"], "the interrupted step was saved"
+  manager.close()
+
+
+_EQUIVALENCE = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from experiments import setup, train
+    from tests.test_train import tiny_config
+    assert jax.device_count() == 8, jax.devices()
+    config = tiny_config(batch_size=32)
+    data = setup.make_dataset(config)
+    out = {}
+    for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+      experiment = train.Experiment(config, data, devices)
+      state = experiment.initial_state()
+      lambdas = []
+      for step in range(20):
+        state, metrics = experiment.step_fn(state, experiment.batch_at(step))
+        lambdas.append(float(train.to_host(metrics["lambda/re"])))
+      out[name] = {"lambda": lambdas, "params": [np.asarray(train.to_host(x)).ravel().tolist()
+                   for x in jax.tree_util.tree_leaves(state.params)],
+                   "sharding": str(state.params["model"]["params"]["encoder_dense"]["kernel"].sharding)
+                   if False else None}
+    json.dump(out, sys.stdout)
+""")
+
+
+def test_eight_devices_follow_the_one_device_trajectory():
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  result = subprocess.run([sys.executable, "-c", _EQUIVALENCE], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout)
+  np.testing.assert_allclose(out["eight"]["lambda"], out["one"]["lambda"], rtol=1e-5)
+  assert out["one"]["lambda"][-1] != out["one"]["lambda"][0]
+  for x, y in zip(out["eight"]["params"], out["one"]["params"]):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def _mnist_or_skip():
+  if not os.environ.get("GECO_DATA_DIR"):
+    pytest.skip("GECO_DATA_DIR is unset: no real MNIST (mnist.npz) to test on.")
+
+
+# Each model, made small, on a dataset it serves.
+SMOKE = {
+    "conv_vae": dict(),
+    "convdraw": {"dataset.name": "mnist", "dataset.source": "npz",
+                 "model.name": "convdraw", "model.preset": "mnist_cpu",
+                 "model.num_steps": 3, "model.hidden_channels": 8,
+                 "model.latent_channels": 4, "model.read_channels": 4},
+    "conditional_convdraw": {"dataset.name": "mnist_sum", "dataset.source": "npz",
+                             "model.name": "conditional_convdraw",
+                             "model.preset": "mnist_cpu", "model.num_steps": 3,
+                             "model.hidden_channels": 8, "model.latent_channels": 4,
+                             "model.read_channels": 4, "model.context_channels": 4},
+    "vae_nvp": {"dataset.name": "mnist", "dataset.source": "npz",
+                "model.name": "vae_nvp", "model.preset": "cpu", "model.latent_size": 4,
+                "model.channels": (4, 8), "model.hidden_size": 16,
+                "model.coupling_hidden_size": 16, "model.num_couplings": 2},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE))
+def test_fifty_steps_of_each_model_lower_its_loss(name):
+  overrides = dict(SMOKE[name])
+  if name != "conv_vae":
+    _mnist_or_skip()
+  config = tiny_config(objective="elbo", **{"elbo.sigma": 0.1}, **overrides)
+  for key in ("channels", "hidden_size", "latent_size"):
+    if name != "conv_vae" and f"model.{key}" not in overrides:
+      del config.model[key]
+  if name != "conv_vae":
+    del config.dataset["image_size"]   # a sprites option
+  setup.validate_config(config)
+  data = setup.make_dataset(config)   # 256 train examples (dataset.num_train)
+  experiment = train.Experiment(config, data, jax.devices()[:1])
+  state = experiment.initial_state()
+  batch = experiment.batch_at(0)
+  loss_fn = setup.make_loss_fn(config, experiment.constraint_fn)
+
+  def loss_on(params):
+    output = setup.apply_model(experiment.model, params["model"], batch,
+                               jax.random.PRNGKey(7))
+    return float(loss_fn(params["likelihood"], batch, output, None, 0)[0])
+
+  before = loss_on(state.params)
+  for step in range(50):
+    state, metrics = experiment.step_fn(state, experiment.batch_at(step))
+  after = loss_on(state.params)
+  assert np.isfinite(after) and after < 0.9 * before, (before, after)
