@@ -6,13 +6,16 @@ lives in the optimiser state; ``lagrangian`` builds the loss from it and
 paper's constraint functions (RE, FRE, CLA, pNCC, KL), ``dual`` the
 optimisers for the multiplier, ``objectives`` the ELBO baselines (fixed,
 learned or GQN-annealed sigma) and ``metrics`` the paper's evaluation
-(sigma-independent NLL, average and marginal KL).
+(sigma-independent NLL, average and marginal KL), and ``theory`` the
+paper's analysis of reconstruction fixed points, phase transitions and
+Lipschitz constraints (sections 3.1-3.3, appendices A-C).
 """
 
 from geco_jax import constraints
 from geco_jax import dual
 from geco_jax import metrics
 from geco_jax import objectives
+from geco_jax import theory
 from geco_jax.geco import GecoState
 from geco_jax.geco import constraint_moving_average
 from geco_jax.geco import find_geco_state
@@ -33,4 +36,5 @@ __all__ = [
     "lagrangian",
     "metrics",
     "objectives",
+    "theory",
 ]

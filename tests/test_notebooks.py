@@ -27,3 +27,16 @@ def test_quickstart_runs_and_shows_the_figure_3_story():
   assert any(o.output_type == "display_data" and "image/png" in o.get("data", {})
              for o in outputs), "the plots were not drawn"
   assert any("final lambda" in o.get("text", "") for o in outputs)
+
+
+def test_theory_notebook_runs_and_draws_the_figures():
+  notebook = _execute("theory.ipynb")
+  outputs = [o for cell in notebook.cells if cell.cell_type == "code"
+             for o in cell.get("outputs", [])]
+  assert not [o for o in outputs if o.output_type == "error"]
+  images = [o for o in outputs if o.output_type == "display_data"
+            and "image/png" in o.get("data", {})]
+  assert len(images) >= 3, "figures 2 (two plots) and 7 were not all drawn"
+  text = "".join(o.get("text", "") for o in outputs)
+  assert "critical temperatures" in text
+  assert "equiprobable" in text
