@@ -12,18 +12,12 @@ least 0.9 for the true class. Train the classifier first (once), then:
 ``constraints.cla.classifier`` is the directory the first command saved.
 """
 
-from configs import default
+from configs import conv_vae_mnist
 
 
 def get_config():
-  config = default.get_config()
-  config.dataset.name = "mnist"
-  config.dataset.source = "npz"           # GECO_DATA_DIR/mnist.npz; or "tfds"
-  config.dataset.data_dir = None          # None: $GECO_DATA_DIR (npz) or $TFDS_DATA_DIR
-  config.dataset.num_train = None         # the whole split
-  config.dataset.num_test = None
-  del config.dataset["image_size"]        # a sprites option
-  config.num_steps = 3000
+  config = conv_vae_mnist.get_config()   # conv VAE, MNIST (npz), RE 0.1
+  config.eval_num_examples = None
 
   config.constraints.re.tolerance = 0.1   # per-pixel RMSE
   config.eval_every = 1000

@@ -26,7 +26,12 @@ FLAGS = flags.FLAGS
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs and checkpoints.")
 CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py).", lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def require(*names: str) -> None:
+  """Mark the flags an entry point needs (call at import, before ``app.run``)."""
+  flags.mark_flags_as_required(list(names))
+
 
 USAGE_ERROR = 2
 

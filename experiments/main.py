@@ -49,4 +49,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cli.require("config", "workdir")
   app.run(main, flags_parser=cli.parse_flags)

@@ -408,7 +408,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, constraint_fn):
     kl = jnp.mean(output.kl)
     constraint = {k: jnp.mean(v) for k, v in constraint_fn(batch, output).items()}
     metrics = {"kl": kl,
-               "nll": objectives.optimal_sigma_nll(images, output.reconstruction)}
+               "gaussian_nll": objectives.optimal_sigma_nll(images, output.reconstruction)}
     if objective == "geco":
       loss = geco_jax.lagrangian(kl, constraint, opt_state)
     else:

@@ -289,7 +289,7 @@ class Experiment:
 
     Batches have the training batch size; the last one is padded and masked,
     so every batch has one shape (one compilation) and splits over devices.
-    ``nll`` is the per-example Gaussian NLL at the split's own optimal global
+    ``gaussian_nll`` is the per-example Gaussian NLL at the split's own optimal global
     sigma (continuous, not quantized; see ``geco_jax.objectives``).
     """
     arrays = self.data[split]
@@ -317,7 +317,7 @@ class Experiment:
     means = {key: value / total for key, value in sums.items()}
     num_values = math.prod(arrays["image"].shape[1:])
     variance = max(means.pop("squared_error") / num_values, 1e-12)
-    means["nll"] = 0.5 * num_values * (math.log(2 * math.pi * variance) + 1.0)
+    means["gaussian_nll"] = 0.5 * num_values * (math.log(2 * math.pi * variance) + 1.0)
     return means
 
   # Images ---------------------------------------------------------------- #
@@ -463,7 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if data is None:
     data = setup.make_dataset(config)
   experiment = Experiment(config, data, devices)
-  workdir = epath.Path(workdir)
+  workdir = epath.Path(os.path.abspath(workdir))  # orbax needs absolute paths
   workdir.mkdir(parents=True, exist_ok=True)
 
   state = experiment.initial_state()
@@ -479,6 +479,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   is_writer = jax.process_index() == 0
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_writer)
+  if is_writer:  # what experiments.evaluate rebuilds the run from
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
   if first_step == 0:
     writer.write_hparams(_flatten(config))
   report_progress = periodic_actions.ReportProgress(

@@ -99,9 +99,9 @@ def test_short_run_logs_checkpoints_and_resumes(tmp_path):
       event_accumulator.TENSORS: 0})
   accumulator.Reload()
   tags = set(accumulator.Tags()["tensors"])
-  for tag in ("kl", "loss", "lambda/re", "constraint/re", "constraint_ma/re", "nll",
+  for tag in ("kl", "loss", "lambda/re", "constraint/re", "constraint_ma/re", "gaussian_nll",
               "grad_norm", "param_norm", "update_norm", "nonfinite_steps",
-              "steps_per_sec", "eval/kl", "eval/nll", "eval/constraint/re",
+              "steps_per_sec", "eval/kl", "eval/gaussian_nll", "eval/constraint/re",
               "data", "reconstructions", "prior_samples"):
     assert tag in tags, (tag, sorted(tags))
 

@@ -1,0 +1,234 @@
+r"""Evaluate a trained run the paper's way; writes ``eval.json`` and image grids.
+
+  python -m experiments.evaluate --workdir runs/default [--checkpoint=best_feasible]
+
+Reads the run's ``config.json`` and its newest checkpoint (or the
+``best_feasible`` one), then measures (paper appendix D and section 4):
+
+- ``sigma_star``: one global pixel sigma refitted on (the first
+  ``--num_train`` examples of) the training split with everything else
+  fixed, sigma*^2 = mean (x - g(z))^2, z ~ q(z|x);
+- ``nll``: the sigma-independent NLL on the test split, -log of the 8-bit bin
+  of x under N(g(z), sigma*^2) (``geco_jax.metrics.quantized_normal_nll``),
+  in nats per example and bits per dimension;
+- ``average_kl``: E_x KL(q(z|x) || pi(z)), nats per example (and per latent
+  dimension where the latent is a vector);
+- ``marginal_kl``: KL(q(z) || pi(z)) of the aggregate posterior of the first
+  ``--num_marginal`` test examples, with its Monte Carlo standard error (conv
+  VAE and VAE+NVP; not defined here for ConvDraw's sequential latent, see
+  ``geco_jax.metrics.marginal_kl``);
+- ``rmse`` and each constraint's mean C on the test split, in its own units.
+
+One z per example throughout. Image grids (data, reconstructions, prior
+samples) are written as PNGs beside eval.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any, Optional
+
+import numpy as np
+from absl import app
+from absl import flags
+
+from experiments import cli
+
+CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", ["latest", "best_feasible"],
+                                "Which checkpoint of the run to evaluate.")
+NUM_TRAIN = flags.DEFINE_integer("num_train", 10000,
+                                  "Training examples used to refit sigma* (0: all).")
+NUM_TEST = flags.DEFINE_integer("num_test", 0, "Test examples to evaluate (0: all).")
+NUM_MARGINAL = flags.DEFINE_integer(
+    "num_marginal", 2000, "Test examples of the aggregate posterior (marginal KL).")
+
+
+def load_run_config(workdir: str):
+  """The config a run was trained with (``workdir/config.json``)."""
+  import ml_collections
+  from etils import epath
+
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist: is {workdir!r} the workdir of a "
+                            "run of experiments.main?")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def _batches(arrays: dict, batch_size: int):
+  """Fixed-size batches (the last padded by repeating its first row) and sizes."""
+  total = len(arrays["image"])
+  for start in range(0, total, batch_size):
+    batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
+    n = len(batch["image"])
+    if n < batch_size:
+      batch = {k: np.concatenate([v, np.repeat(v[:1], batch_size - n, axis=0)])
+               for k, v in batch.items()}
+    yield batch, n
+
+
+def evaluate_state(experiment, state, *, num_train: Optional[int] = None,
+                   num_test: Optional[int] = None, num_marginal: int = 2000,
+                   seed: int = 0) -> dict[str, Any]:
+  """The paper's metrics of ``state`` (see the module docstring)."""
+  import jax
+  import jax.numpy as jnp
+
+  from experiments import setup
+  from geco_jax import metrics
+
+  model, config = experiment.model, experiment.config
+  params = jax.device_get(state.params)
+  batch_size = config.batch_size
+  rng = jax.random.PRNGKey(seed)
+
+  @jax.jit
+  def forward(batch, rng):
+    output = setup.apply_model(model, params["model"], batch, rng)
+    return output.reconstruction, output.kl
+
+  @jax.jit
+  def test_terms(batch, rng, sigma):
+    output = setup.apply_model(model, params["model"], batch, rng)
+    constraints = experiment.constraint_fn(batch, output)
+    return {"nll": metrics.quantized_normal_nll(batch["image"], output.reconstruction,
+                                                sigma),
+            "kl": output.kl,
+            "rmse": metrics.reconstruction_metrics(
+                batch["image"], output.reconstruction, sigma)["rmse"],
+            **{f"constraint/{k}": v for k, v in constraints.items()}}
+
+  def cut(split, count):
+    arrays = experiment.data[split]
+    count = len(arrays["image"]) if not count else min(count, len(arrays["image"]))
+    return {k: v[:count] for k, v in arrays.items()}
+
+  # sigma* on the training split.
+  total_sq, total_values = 0.0, 0
+  train = cut("train", num_train)
+  for i, (batch, n) in enumerate(_batches(train, batch_size)):
+    reconstruction, _ = forward(batch, jax.random.fold_in(rng, i))
+    sq, count = metrics.squared_error_sum(batch["image"][:n], reconstruction[:n])
+    total_sq += float(sq)
+    total_values += int(count)
+  sigma_star = float(metrics.optimal_sigma(total_sq, total_values))
+
+  # The test split at sigma*.
+  test = cut("test", num_test)
+  sums: dict[str, float] = {}
+  for i, (batch, n) in enumerate(_batches(test, batch_size)):
+    terms = jax.device_get(test_terms(batch, jax.random.fold_in(rng, 10**6 + i),
+                                      sigma_star))
+    for key, value in terms.items():
+      sums[key] = sums.get(key, 0.0) + float(np.sum(np.asarray(value)[:n]))
+  num = len(test["image"])
+  means = {key: value / num for key, value in sums.items()}
+  num_dims = math.prod(test["image"].shape[1:])
+  result: dict[str, Any] = {
+      "sigma_star": sigma_star,
+      "nll": means.pop("nll"),
+      "average_kl": means.pop("kl"),
+      "rmse": means.pop("rmse"),
+      "constraints": {k[len("constraint/"):]: v for k, v in means.items()},
+      "num_train_for_sigma": len(train["image"]),
+      "num_test": num,
+  }
+  result["nll_bits_per_dim"] = result["nll"] / (num_dims * math.log(2.0))
+  latent_size = getattr(model, "latent_size", None)
+  if isinstance(latent_size, int):
+    result["average_kl_per_dim"] = result["average_kl"] / latent_size
+  result["marginal_kl"] = _marginal_kl(model, params, cut("test", num_marginal),
+                                       jax.random.fold_in(rng, 2 * 10**6))
+  return result
+
+
+def _marginal_kl(model, params, arrays, rng) -> Optional[dict[str, float]]:
+  import jax
+  import jax.numpy as jnp
+
+  from geco_jax import metrics
+  from geco_jax.models import ConvVAE
+  from geco_jax.models import VAENVP
+
+  images = jnp.asarray(arrays["image"])
+  if isinstance(model, ConvVAE):
+    mean, log_std = jax.jit(lambda x: model.apply(params["model"], x,
+                                                  method=model.encode))(images)
+    estimate = metrics.marginal_kl_gaussian(mean, log_std, rng)
+  elif isinstance(model, VAENVP):
+    z, _ = jax.jit(lambda x: model.apply(params["model"], x, rng, 1,
+                                         method=model.posterior_samples))(images)
+    samples = z[:, 0]
+
+    @jax.jit
+    def estimate_fn(samples, images):
+      def log_q(z_block, j_block):
+        zz = jnp.broadcast_to(z_block, (j_block.shape[0],) + z_block.shape)
+        return model.apply(params["model"], zz, images[j_block],
+                           method=model.log_posterior).T
+      return metrics.marginal_kl(samples, log_q, images.shape[0], block_size=256)
+
+    estimate = estimate_fn(samples, images)
+  else:
+    return None  # ConvDraw: see geco_jax.metrics.marginal_kl
+  return {"kl": float(estimate.kl), "standard_error": float(estimate.standard_error),
+          "num_examples": int(images.shape[0])}
+
+
+def evaluate_run(workdir: str, checkpoint: str = "latest", **kwargs) -> dict[str, Any]:
+  """Restore a run's checkpoint and write ``eval.json`` (+ PNG grids) into it."""
+  config = load_run_config(workdir)  # first: a wrong workdir fails fast
+  import jax
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import orbax.checkpoint as ocp
+  from etils import epath
+
+  from experiments import setup
+  from experiments import train
+
+  data = setup.make_dataset(config)
+  experiment = train.Experiment(config, data, jax.devices()[:1])
+  workdir = epath.Path(os.path.abspath(workdir))  # orbax needs absolute paths
+  folder = workdir / ("checkpoints" if checkpoint == "latest" else "best_feasible")
+  manager = ocp.CheckpointManager(folder)
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {folder}.")
+  state = manager.restore(step, args=ocp.args.StandardRestore(experiment.initial_state()))
+  manager.close()
+  result = evaluate_state(experiment, state, **kwargs)
+  result.update({"workdir": str(workdir), "checkpoint": checkpoint, "step": int(step),
+                 "objective": config.objective, "model": config.model.name,
+                 "dataset": config.dataset.name})
+  suffix = "" if checkpoint == "latest" else f"_{checkpoint}"
+  for name, grid in experiment.image_grids(state, int(step)).items():
+    image = grid[0]
+    plt.imsave(workdir / f"eval{suffix}_{name}.png",
+               image[..., 0] if image.shape[-1] == 1 else image, cmap="gray",
+               vmin=0.0, vmax=1.0)
+  (workdir / f"eval{suffix}.json").write_text(json.dumps(result, indent=1, sort_keys=True))
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  from experiments import setup
+  cli.quiet_library_logs()
+  try:
+    result = evaluate_run(cli.WORKDIR.value, CHECKPOINT.value,
+                          num_train=NUM_TRAIN.value, num_test=NUM_TEST.value,
+                          num_marginal=NUM_MARGINAL.value)
+  except (FileNotFoundError, setup.ConfigError) as e:
+    cli.fail(" ".join(str(e).split()))
+  print("eval: " + json.dumps(result, sort_keys=True), flush=True)
+
+
+if __name__ == "__main__":
+  cli.require("workdir")
+  app.run(main, flags_parser=cli.parse_flags)

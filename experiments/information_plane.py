@@ -1,0 +1,238 @@
+r"""ELBO, GQN-annealed ELBO and GECO at several tolerances, in the information plane.
+
+  GECO_DATA_DIR=../shared/data python -m experiments.information_plane \
+      --config configs/convdraw_mnist.py --workdir runs/info_plane_convdraw_mnist \
+      [--tolerances=0.06,0.08,0.1] [--match_elbo] [--config.num_steps=...]
+
+For one model and dataset (the config), trains into ``workdir/<variant>``
+(or, where a variant's run already finished, collects it):
+
+- ``elbo``: the Gaussian ELBO with a learned global sigma;
+- ``elbo_annealed``: GQN's schedule, sigma from 2.0 to 0.7 over
+  ``config.elbo.anneal_steps``;
+- ``geco_re_<kappa>``: GECO with an RE constraint of per-pixel RMSE kappa,
+  for each ``--tolerances``;
+- with ``--match_elbo``, ``geco_matched``: GECO whose RE target is the RMSE
+  the ELBO run reached (the paper's Figure 5 comparison),
+
+then evaluates each run with ``experiments.evaluate`` (sigma-independent NLL,
+average and marginal KL, RMSE) and writes into ``workdir``:
+
+- ``results.csv`` and ``results.md``: one row per variant;
+- ``trajectories.json``: lambda, the RE constraint's moving average, the
+  KL and the RMSE against step for every variant (from the TensorBoard logs);
+- ``information_plane.png``: NLL against KL (log KL axis);
+- ``figure3.png``: the Figure 3 trajectory of the first GECO variant (lambda,
+  reconstruction error with its threshold, KL against step).
+
+``colabs/information_plane.ipynb`` draws the same plots from these files.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from experiments import cli
+from experiments import evaluate  # its --num_train / --num_marginal flags too
+
+_TOLERANCES = flags.DEFINE_list("tolerances", ["0.06", "0.08", "0.1"],
+                                "RE tolerances (per-pixel RMSE) of the GECO variants.")
+_MATCH_ELBO = flags.DEFINE_bool("match_elbo", False,
+                                "Also train GECO with the ELBO run's RMSE as its target.")
+
+COLUMNS = ("variant", "objective", "tolerance", "steps", "rmse", "re_satisfied",
+           "average_kl", "marginal_kl", "marginal_kl_se", "nll", "nll_bits_per_dim",
+           "sigma_star", "final_lambda", "seconds")
+
+
+def variants(config, tolerances, elbo_rmse=None) -> dict[str, Any]:
+  """The configs of every variant, by name."""
+  out = {}
+  elbo = copy.deepcopy(config)
+  elbo.objective = "elbo"
+  elbo.elbo.learn_sigma = True
+  out["elbo"] = elbo
+  annealed = copy.deepcopy(config)
+  annealed.objective = "elbo_annealed"
+  out["elbo_annealed"] = annealed
+  for tolerance in tolerances:
+    geco = copy.deepcopy(config)
+    geco.objective = "geco"
+    geco.constraints.re.tolerance = float(tolerance)
+    out[f"geco_re_{float(tolerance):g}"] = geco
+  if elbo_rmse is not None:
+    matched = copy.deepcopy(config)
+    matched.objective = "geco"
+    matched.constraints.re.tolerance = float(elbo_rmse)
+    out["geco_matched"] = matched
+  return out
+
+
+def read_scalars(workdir: str, tags) -> dict[str, list[tuple[int, float]]]:
+  """(step, value) series of ``tags`` from a run's TensorBoard event files."""
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.util import tensor_util
+
+  accumulator = event_accumulator.EventAccumulator(
+      workdir, size_guidance={event_accumulator.TENSORS: 0})
+  accumulator.Reload()
+  available = set(accumulator.Tags()["tensors"])
+  series = {}
+  for tag in tags:
+    if tag in available:
+      events = accumulator.Tensors(tag)
+      series[tag] = sorted({e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+                            for e in events}.items())
+  return series
+
+
+def _row(name, config, summary, evaluation) -> dict[str, Any]:
+  marginal = evaluation.get("marginal_kl") or {}
+  tolerance = config.constraints.re.tolerance if config.objective == "geco" else None
+  return {
+      "variant": name, "objective": config.objective, "tolerance": tolerance,
+      "steps": summary.get("step"), "rmse": evaluation["rmse"],
+      "re_satisfied": (evaluation["rmse"] <= tolerance) if tolerance else None,
+      "average_kl": evaluation["average_kl"], "marginal_kl": marginal.get("kl"),
+      "marginal_kl_se": marginal.get("standard_error"), "nll": evaluation["nll"],
+      "nll_bits_per_dim": evaluation["nll_bits_per_dim"],
+      "sigma_star": evaluation["sigma_star"],
+      "final_lambda": (summary.get("lambda") or {}).get("re"),
+      "seconds": summary.get("seconds"),
+  }
+
+
+def markdown_table(rows) -> str:
+  def fmt(value):
+    if value is None:
+      return "-"
+    if isinstance(value, bool):
+      return "yes" if value else "no"
+    if isinstance(value, float):
+      return f"{value:.4g}"
+    return str(value)
+
+  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  lines += ["| " + " | ".join(fmt(row[c]) for c in COLUMNS) + " |" for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def plot(rows, trajectories, outdir: str) -> None:
+  """information_plane.png and figure3.png from the rows and trajectories."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(5, 4))
+  for row in rows:
+    marker = "o" if row["objective"] == "geco" else "s"
+    ax.scatter(row["average_kl"], row["nll"], marker=marker)
+    ax.annotate(row["variant"], (row["average_kl"], row["nll"]), fontsize=7)
+  ax.set_xscale("log")
+  ax.set_xlabel("average KL (nats)")
+  ax.set_ylabel("sigma-independent NLL (nats / example)")
+  ax.set_title("information plane")
+  fig.tight_layout()
+  fig.savefig(os.path.join(outdir, "information_plane.png"), dpi=80)
+  plt.close(fig)
+
+  geco = [r for r in rows if r["objective"] == "geco"]
+  if not geco:
+    return
+  name, tolerance = geco[0]["variant"], geco[0]["tolerance"]
+  series = trajectories[name]
+  fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+  panels = (("lambda/re", "lambda"), ("rmse", "RMSE (threshold dashed)"), ("kl", "KL"))
+  for ax, (tag, title) in zip(axes, panels):
+    if tag in series:
+      steps, values = zip(*series[tag])
+      ax.plot(steps, values)
+    if tag == "rmse":
+      ax.axhline(tolerance, linestyle="--", color="k")
+    if tag == "lambda/re":
+      ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title(f"{name}: {title}")
+  fig.tight_layout()
+  fig.savefig(os.path.join(outdir, "figure3.png"), dpi=80)
+  plt.close(fig)
+
+
+def run(config, workdir: str, tolerances, match_elbo: bool, **eval_kwargs):
+  """Train (or collect) every variant, evaluate, write the tables and plots."""
+  from etils import epath
+
+  from experiments import setup
+  from experiments import train
+
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  data = setup.make_dataset(config)
+  rows, trajectories = [], {}
+  todo = variants(config, tolerances)
+  done: set[str] = set()
+  while todo:
+    name, variant = next(iter(todo.items()))
+    todo.pop(name)
+    run_dir = os.path.join(workdir, name)
+    logging.info("Variant %s -> %s", name, run_dir)
+    summary = train.train_and_evaluate(variant, run_dir, data=data)
+    evaluation = evaluate.evaluate_run(run_dir, **eval_kwargs)
+    rows.append(_row(name, variant, summary, evaluation))
+    trajectories[name] = read_scalars(run_dir, ("lambda/re", "constraint_ma/re", "kl",
+                                                "rmse", "sigma"))
+    done.add(name)
+    if name == "elbo" and match_elbo:
+      todo.update({k: v for k, v in variants(config, (), evaluation["rmse"]).items()
+                   if k not in done and k not in todo})
+  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(markdown_table(rows))
+  with open(os.path.join(workdir, "trajectories.json"), "w") as f:
+    json.dump(trajectories, f)
+  plot(rows, trajectories, workdir)
+  return rows
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = cli.config_or_fail()
+  from experiments import setup
+  try:
+    tolerances = [float(t) for t in _TOLERANCES.value]
+  except ValueError:
+    cli.fail(f"--tolerances must be numbers; got {_TOLERANCES.value}.")
+  if "re" not in config.constraints:
+    cli.fail("the config needs an RE constraint (config.constraints.re): the GECO "
+             "variants differ in its tolerance.")
+  try:
+    for variant in variants(config, tolerances).values():
+      setup.validate_config(variant)
+  except setup.ConfigError as e:
+    cli.fail(str(e))
+  cli.quiet_library_logs()
+  try:
+    rows = run(config, cli.WORKDIR.value, tolerances, _MATCH_ELBO.value,
+               num_train=evaluate.NUM_TRAIN.value,
+               num_marginal=evaluate.NUM_MARGINAL.value)
+  except setup.ConfigError as e:
+    cli.fail(str(e))
+  print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+  cli.require("config", "workdir")
+  app.run(main, flags_parser=cli.parse_flags)

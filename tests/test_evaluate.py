@@ -1,0 +1,86 @@
+"""experiments.evaluate, information_plane and micro_mnist on tiny runs."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import evaluate
+from experiments import information_plane
+from experiments import train
+from tests.test_train import ROOT
+from tests.test_train import tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run") / "run"
+  summary = train.train_and_evaluate(tiny_config(num_steps=4), str(workdir))
+  return workdir, summary
+
+
+def test_evaluate_writes_the_papers_metrics(tiny_run):
+  workdir, _ = tiny_run
+  result = evaluate.evaluate_run(str(workdir), num_train=64, num_marginal=32)
+  assert json.loads((workdir / "eval.json").read_text()) == result
+  for name in ("data", "reconstructions", "prior_samples"):
+    assert (workdir / f"eval_{name}.png").exists()
+  assert result["step"] == 4 and result["num_train_for_sigma"] == 64
+  assert result["num_test"] == 40
+  # Quantized NLL of 16x16 [0, 1] images: positive, finite, and bits/dim consistent.
+  assert np.isfinite(result["nll"])
+  assert result["nll_bits_per_dim"] == pytest.approx(result["nll"] / (256 * math.log(2)))
+  assert result["average_kl"] > 0
+  assert result["average_kl_per_dim"] == pytest.approx(result["average_kl"] / 4)
+  assert set(result["marginal_kl"]) == {"kl", "standard_error", "num_examples"}
+  assert result["marginal_kl"]["num_examples"] == 32
+  # log N bounds the gap between the average and the marginal KL (metrics docstring).
+  assert (result["average_kl"] - math.log(32) - 1.0 <= result["marginal_kl"]["kl"]
+          <= result["average_kl"] + 1.0)
+  assert set(result["constraints"]) == {"re"}
+  # RE in its own units: ||x - g||^2 - D kappa^2 per example, mean over the split.
+  assert result["constraints"]["re"] == pytest.approx(
+      256 * (result["rmse"] ** 2) - 256 * 0.1 ** 2, rel=0.5)
+
+
+def test_evaluate_without_a_run_is_one_line_and_status_2(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--workdir",
+                           str(tmp_path / "nothing")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "config.json" in lines[0]
+
+
+def test_information_plane_variants():
+  config = tiny_config()
+  variants = information_plane.variants(config, [0.1, 0.2], elbo_rmse=0.15)
+  assert list(variants) == ["elbo", "elbo_annealed", "geco_re_0.1", "geco_re_0.2",
+                            "geco_matched"]
+  assert variants["elbo"].objective == "elbo" and variants["elbo"].elbo.learn_sigma
+  assert variants["elbo_annealed"].objective == "elbo_annealed"
+  assert variants["geco_re_0.2"].constraints.re.tolerance == 0.2
+  assert variants["geco_matched"].constraints.re.tolerance == 0.15
+  assert config.objective == "geco" and config.constraints.re.tolerance == 0.1
+
+
+def test_information_plane_reads_the_trajectories_and_plots(tiny_run, tmp_path):
+  workdir, summary = tiny_run
+  series = information_plane.read_scalars(str(workdir), ("lambda/re", "kl", "rmse"))
+  assert [step for step, _ in series["lambda/re"]] == [2, 4]
+  assert series["lambda/re"][-1][1] == pytest.approx(summary["lambda"]["re"], rel=1e-6)
+  evaluation = evaluate.evaluate_run(str(workdir), num_train=32, num_marginal=16)
+  config = tiny_config()
+  row = information_plane._row("geco_re_0.1", config, summary, evaluation)
+  assert set(row) == set(information_plane.COLUMNS)
+  table = information_plane.markdown_table([row])
+  assert table.count("\n") == 3 and "geco_re_0.1" in table
+  information_plane.plot([row], {"geco_re_0.1": series}, str(tmp_path))
+  assert (tmp_path / "information_plane.png").exists()
+  assert (tmp_path / "figure3.png").exists()
