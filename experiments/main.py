@@ -19,6 +19,28 @@ from absl import logging
 from experiments import cli
 
 
+def initialize_distributed() -> None:
+  """``jax.distributed.initialize()``, before any JAX computation.
+
+  On Cloud TPU, Slurm or Open MPI, JAX finds the coordinator and the process
+  ids itself; elsewhere set ``JAX_COORDINATOR_ADDRESS`` (host:port of process
+  0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` on every host.
+  """
+  import os
+
+  import jax
+
+  env = os.environ
+  kwargs = {}
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+  for key, name in (("JAX_NUM_PROCESSES", "num_processes"),
+                    ("JAX_PROCESS_ID", "process_id")):
+    if key in env:
+      kwargs[name] = int(env[key])
+  jax.distributed.initialize(**kwargs)
+
+
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -32,9 +54,8 @@ def main(argv):
   except setup.ConfigError as e:
     cli.fail(str(e))
   cli.quiet_library_logs()
-  if config.distributed:  # multi-host: coordinator and process ids from the cluster
-    import jax
-    jax.distributed.initialize()
+  if config.distributed:
+    initialize_distributed()
   try:
     data = setup.make_dataset(config)  # a missing dataset is reported here
     logging.info("Config:\n%s", config)

@@ -55,6 +55,8 @@ VAE_NVP_PRESETS = {"cpu": vae_nvp_lib.CPU_PRESET,
 OBJECTIVES = ("geco", "elbo", "elbo_annealed")
 DUALS = ("sgd", "pi")
 CONSTRAINTS = ("re", "fre", "pncc", "kl", "cla")
+# FRE's feature maps: patch means and stds, or a trained classifier's penultimate layer.
+FRE_FEATURES = ("local_statistics", "classifier")
 # Sections whose keys depend on the chosen model / dataset / constraints.
 _OPEN_SECTIONS = ("model", "dataset", "constraints")
 
@@ -227,6 +229,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     elif name == "pncc":
       require(-1 <= tolerance <= 1,
               f"config.constraints.pncc.tolerance must be in [-1, 1]; got {tolerance!r}.")
+    if name == "fre":
+      features = spec.get("features", "local_statistics")
+      require(features in FRE_FEATURES,
+              f"config.constraints.fre.features must be one of {FRE_FEATURES}; got "
+              f"{features!r}.")
+      if features == "classifier":
+        path = spec.get("classifier")
+        require(isinstance(path, str) and os.path.isdir(path),
+                f"config.constraints.fre.classifier: no trained classifier at {path!r}; "
+                f"train one with: {classifier_lib.CIFAR10_TRAIN_COMMAND}")
     elif name == "cla":
       require(0 <= tolerance <= 1,
               f"config.constraints.cla.tolerance must be in [0, 1]; got {tolerance!r}.")
@@ -305,6 +317,19 @@ def check_data(config: ml_collections.ConfigDict, data: dict) -> None:
   if "cla" in config.constraints:
     require("label" in train,
             f"config.constraints.cla needs class labels; {config.dataset.name} has none.")
+  for name in ("cla", "fre"):
+    spec = config.constraints.get(name)
+    if spec is None or (name == "fre" and spec.get("features") != "classifier"):
+      continue
+    try:
+      _, metadata = classifier_lib.load_classifier(spec.classifier)
+    except (FileNotFoundError, ValueError) as e:
+      raise ConfigError(f"config.constraints.{name}.classifier: "
+                        + " ".join(str(e).split())) from e
+    expected = tuple(classifier_lib.model_from_metadata(metadata).input_shape)
+    require(tuple(train["image"].shape[1:]) == expected,
+            f"config.constraints.{name}.classifier takes {expected} images; "
+            f"{config.dataset.name} has {tuple(train['image'].shape[1:])}.")
 
 
 # Model --------------------------------------------------------------------- #
@@ -361,9 +386,12 @@ def make_constraint_fn(
       per_example[name] = lambda b, out, t=tolerance: constraints_lib.reconstruction_error(
           b["image"], out.reconstruction, t)
     elif name == "fre":
-      features = functools.partial(constraints_lib.local_image_statistics,
-                                   patch_size=spec.get("patch_size", 4),
-                                   stride=spec.get("stride", 2))
+      if spec.get("features", "local_statistics") == "classifier":
+        features = classifier_lib.load_feature_fn(spec.classifier)
+      else:
+        features = functools.partial(constraints_lib.local_image_statistics,
+                                     patch_size=spec.get("patch_size", 4),
+                                     stride=spec.get("stride", 2))
       per_example[name] = lambda b, out, t=tolerance, f=features: (
           constraints_lib.feature_reconstruction_error(b["image"], out.reconstruction,
                                                        t, f))

@@ -30,8 +30,9 @@ def test_config_validates_and_its_docstring_gives_the_command(name, tmp_path):
   sizes = ("cpu", "accelerator") if name in PAPER else (None,)
   for size in sizes:
     config = module.get_config(size) if size else module.get_config()
-    if "cla" in config.constraints:
-      config.constraints.cla.classifier = str(tmp_path)
+    for name in ("cla", "fre"):
+      if "classifier" in config.constraints.get(name, {}):
+        config.constraints[name].classifier = str(tmp_path)
     setup.validate_config(config)
     # The model's keyword arguments resolve for the dataset's image shape.
     setup.model_kwargs(config, (28, 28, 1))

@@ -59,10 +59,11 @@ def restore_state(workdir, step=None):
   return restored
 
 
-def test_resuming_gives_the_same_run_as_training_straight(tmp_path):
-  straight = train.train_and_evaluate(tiny_config(num_steps=8), str(tmp_path / "a"))
-  train.train_and_evaluate(tiny_config(num_steps=4), str(tmp_path / "b"))
-  resumed = train.train_and_evaluate(tiny_config(num_steps=8), str(tmp_path / "b"))
+def test_resuming_gives_the_same_run_as_training_straight(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # relative workdirs, as on the command line
+  straight = train.train_and_evaluate(tiny_config(num_steps=8), "a")
+  train.train_and_evaluate(tiny_config(num_steps=4), "b")
+  resumed = train.train_and_evaluate(tiny_config(num_steps=8), "b")
   assert straight["step"] == resumed["step"] == 8
   a, b = restore_state(tmp_path / "a"), restore_state(tmp_path / "b")
   np.testing.assert_allclose(straight["lambda"]["re"], resumed["lambda"]["re"], rtol=1e-6)
@@ -292,3 +293,29 @@ def test_fifty_steps_of_each_model_lower_its_loss(name):
     state, metrics = experiment.step_fn(state, experiment.batch_at(step))
   after = loss_on(state.params)
   assert np.isfinite(after) and after < 0.9 * before, (before, after)
+
+
+def test_fre_on_the_features_of_a_saved_cifar10_classifier(tmp_path):
+  if not os.environ.get("GECO_DATA_DIR"):
+    pytest.skip("GECO_DATA_DIR is unset: no cifar10.npz to test on.")
+  from geco_jax.models import classifier as classifier_lib
+
+  model = classifier_lib.CIFAR10Classifier(features=(4, 4, 4), hidden_size=8)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  path = classifier_lib.save_classifier(
+      tmp_path / "classifier", params,
+      {"architecture": classifier_lib.architecture_of(model), "test_accuracy": 0.1})
+  config = tiny_config(**{"dataset.name": "cifar10", "dataset.source": "npz",
+                          "dataset.num_train": 64})
+  del config.dataset["image_size"]
+  config.constraints.fre = dict(tolerance=0.5, features="classifier", classifier=str(path))
+  setup.validate_config(config)
+  experiment = train.Experiment(config, setup.make_dataset(config), jax.devices()[:1])
+  state = experiment.initial_state()
+  state, metrics = experiment.step_fn(state, experiment.batch_at(0))
+  metrics = train.to_host(metrics)
+  assert np.isfinite(metrics["constraint/fre"]) and metrics["lambda/fre"] > 0
+
+  config.constraints.fre.classifier = str(tmp_path / "missing")
+  with pytest.raises(setup.ConfigError, match="cifar10_classifier"):
+    setup.validate_config(config)

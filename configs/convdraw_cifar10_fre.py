@@ -1,0 +1,29 @@
+r"""ConvDraw on CIFAR-10 with GECO under an FRE constraint (paper Table 1, FRE).
+
+FRE compares data and reconstructions in the penultimate features of a
+CIFAR-10 classifier (the paper: a pretrained ResNet; here the project's own
+small classifier, trained once with ``configs/cifar10_classifier.py``):
+
+  GECO_DATA_DIR=../shared/data python -m experiments.train_classifier \
+      --config configs/cifar10_classifier.py --workdir runs/cifar10_classifier
+  GECO_DATA_DIR=../shared/data python -m experiments.main \
+      --config configs/convdraw_cifar10_fre.py --workdir runs/convdraw_cifar10_fre
+
+The tolerance is a per-feature RMSE: 0.6 is about what a 4x4 box blur of a
+test image costs in those features (see configs/cifar10_classifier.py), and
+an RE constraint at RMSE 0.15 keeps the pixels close as well.
+"""
+
+import ml_collections
+
+from configs import paper
+
+
+def get_config(arg=None):
+  config = paper.convdraw("cifar10", "cifar10", arg, tolerance=0.15)
+  config.constraints.fre = ml_collections.ConfigDict()
+  config.constraints.fre.tolerance = 0.6
+  config.constraints.fre.features = "classifier"
+  config.constraints.fre.classifier = "runs/cifar10_classifier/classifier"
+  config.constraints.fre.lambda_lr = 1e-2    # F = 256 features, not 3072 pixels
+  return config
