@@ -40,3 +40,14 @@ def test_theory_notebook_runs_and_draws_the_figures():
   text = "".join(o.get("text", "") for o in outputs)
   assert "critical temperatures" in text
   assert "equiprobable" in text
+
+
+def test_information_plane_notebook_draws_the_stored_results():
+  notebook = _execute("information_plane.ipynb")
+  outputs = [o for cell in notebook.cells if cell.cell_type == "code"
+             for o in cell.get("outputs", [])]
+  assert not [o for o in outputs if o.output_type == "error"]
+  images = [o for o in outputs if o.output_type == "display_data"
+            and "image/png" in o.get("data", {})]
+  assert len(images) == 2, "the information plane and Figure 3 were not both drawn"
+  assert "geco_re_" in "".join(o.get("text", "") for o in outputs)
