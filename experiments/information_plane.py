@@ -55,26 +55,25 @@ COLUMNS = ("variant", "objective", "tolerance", "steps", "rmse", "re_satisfied",
            "sigma_star", "final_lambda", "seconds")
 
 
+def with_objective(config, objective: str, **elbo_fields):
+  """A copy of ``config`` with another objective (and ELBO fields)."""
+  config = copy.deepcopy(config)
+  config.objective = objective
+  for key, value in elbo_fields.items():
+    config.elbo[key] = value
+  return config
+
+
 def variants(config, tolerances, elbo_rmse=None) -> dict[str, Any]:
   """The configs of every variant, by name."""
-  out = {}
-  elbo = copy.deepcopy(config)
-  elbo.objective = "elbo"
-  elbo.elbo.learn_sigma = True
-  out["elbo"] = elbo
-  annealed = copy.deepcopy(config)
-  annealed.objective = "elbo_annealed"
-  out["elbo_annealed"] = annealed
-  for tolerance in tolerances:
-    geco = copy.deepcopy(config)
-    geco.objective = "geco"
-    geco.constraints.re.tolerance = float(tolerance)
-    out[f"geco_re_{float(tolerance):g}"] = geco
+  out = {"elbo": with_objective(config, "elbo", learn_sigma=True)}
+  out["elbo_annealed"] = with_objective(config, "elbo_annealed")
+  targets = {f"geco_re_{float(t):g}": float(t) for t in tolerances}
   if elbo_rmse is not None:
-    matched = copy.deepcopy(config)
-    matched.objective = "geco"
-    matched.constraints.re.tolerance = float(elbo_rmse)
-    out["geco_matched"] = matched
+    targets["geco_matched"] = float(elbo_rmse)
+  for name, tolerance in targets.items():
+    out[name] = with_objective(config, "geco")
+    out[name].constraints.re.tolerance = tolerance
   return out
 
 

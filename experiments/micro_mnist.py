@@ -20,7 +20,6 @@ the prior's 1- and 2-sigma circles).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 
@@ -39,16 +38,12 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 100, "Posterior samples per i
 
 
 def variants(config, classifier: str, cla_tolerance: float) -> dict:
-  out = {}
-  elbo = copy.deepcopy(config)
-  elbo.objective = "elbo"
-  elbo.elbo.learn_sigma = True
-  out["elbo"] = elbo
-  geco = copy.deepcopy(config)
-  geco.objective = "geco"
-  out["geco_re"] = geco
+  from experiments.information_plane import with_objective
+
+  out = {"elbo": with_objective(config, "elbo", learn_sigma=True),
+         "geco_re": with_objective(config, "geco")}
   if os.path.isdir(classifier):
-    cla = copy.deepcopy(geco)
+    cla = with_objective(config, "geco")
     cla.constraints.cla = dict(tolerance=cla_tolerance, lambda_lr=5e-2,
                                classifier=classifier)
     out["geco_re_cla"] = cla
