@@ -44,8 +44,9 @@ def variants(config, classifier: str, cla_tolerance: float) -> dict:
          "geco_re": with_objective(config, "geco")}
   if os.path.isdir(classifier):
     cla = with_objective(config, "geco")
-    cla.constraints.cla = dict(tolerance=cla_tolerance, lambda_lr=5e-2,
-                               classifier=classifier)
+    with cla.unlocked():  # command-line configs are locked
+      cla.constraints.cla = dict(tolerance=cla_tolerance, lambda_lr=5e-2,
+                                 classifier=classifier)
     out["geco_re_cla"] = cla
   else:
     logging.warning("No classifier at %s: the RE + CLA variant is skipped.", classifier)

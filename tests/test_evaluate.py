@@ -84,3 +84,17 @@ def test_information_plane_reads_the_trajectories_and_plots(tiny_run, tmp_path):
   information_plane.plot([row], {"geco_re_0.1": series}, str(tmp_path))
   assert (tmp_path / "information_plane.png").exists()
   assert (tmp_path / "figure3.png").exists()
+
+
+def test_micro_mnist_variants_from_a_locked_config(tmp_path):
+  from configs import nvp_micro_mnist
+  from experiments import micro_mnist
+
+  config = nvp_micro_mnist.get_config()
+  config.lock()   # as --config gives it
+  variants = micro_mnist.variants(config, str(tmp_path), 0.9)
+  assert list(variants) == ["elbo", "geco_re", "geco_re_cla"]
+  assert variants["geco_re_cla"].constraints.cla.classifier == str(tmp_path)
+  assert "cla" not in config.constraints
+  assert list(micro_mnist.variants(config, str(tmp_path / "none"), 0.9)) == ["elbo",
+                                                                              "geco_re"]
