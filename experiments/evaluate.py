@@ -174,8 +174,15 @@ def _marginal_kl(model, params, arrays, rng) -> Optional[dict[str, float]]:
     estimate = estimate_fn(samples, images)
   else:
     return None  # ConvDraw: see geco_jax.metrics.marginal_kl
-  return {"kl": float(estimate.kl), "standard_error": float(estimate.standard_error),
-          "num_examples": int(images.shape[0])}
+  kl, error = float(estimate.kl), float(estimate.standard_error)
+  result = {"kl": kl, "standard_error": error, "num_examples": int(images.shape[0])}
+  if not (math.isfinite(kl) and math.isfinite(error)):
+    # Seen with posteriors so narrow (lambda at lambda_max) that log q(z_i | x_j)
+    # of far pairs leaves float32's range: report it, never a number.
+    result.update(kl=None, standard_error=None,
+                  note=f"non-finite estimate ({kl}, s.e. {error}): float32 overflow of "
+                       "log q(z|x) between distant posteriors")
+  return result
 
 
 def evaluate_run(workdir: str, checkpoint: str = "latest", **kwargs) -> dict[str, Any]:
