@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from experiments import train
 from tests.test_train import ROOT
@@ -35,6 +36,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # three processes compile the step: about a minute on 2 cores
 def test_two_processes_train_like_one_and_only_process_0_writes_logs(tmp_path):
   address = f"localhost:{_free_port()}"
   workdir = tmp_path / "run"

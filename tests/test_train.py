@@ -265,7 +265,11 @@ SMOKE = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(SMOKE))
+# The conv VAE's run is in the default suite; the larger models (a minute each on
+# a 2-core CPU, mostly compilation) run with `pytest -m slow`.
+@pytest.mark.parametrize("name", [
+    name if name == "conv_vae" else pytest.param(name, marks=pytest.mark.slow)
+    for name in sorted(SMOKE)])
 def test_fifty_steps_of_each_model_lower_its_loss(name):
   overrides = dict(SMOKE[name])
   if name != "conv_vae":
