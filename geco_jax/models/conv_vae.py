@@ -6,6 +6,13 @@ KL is analytic. Decoder: a dense layer and two stride-2 transposed
 convolutions give g(z) in [0, 1] (a sigmoid), the mean of the Gaussian
 likelihood whose global sigma is left to the objective (GECO's RE constraint
 or an ELBO baseline).
+
+The transposed convolutions are ``SubpixelConvTranspose``: the function and the
+parameters of ``flax.linen.ConvTranspose``, computed as one stride-1
+convolution and a depth-to-space reshape, because XLA:CPU differentiates the
+kernel of an input-dilated convolution (what ``ConvTranspose`` lowers to)
+with a slow generic loop: measured, half the time of this model's training
+step (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -15,9 +22,103 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from geco_jax.models.common import VAEOutput
 from geco_jax.models.common import gaussian_kl
+
+
+def _subpixel_taps(kernel_size: int, stride: int):
+  """Which kernel tap each output phase reads at each input offset, along one axis.
+
+  ``lax.conv_transpose(..., 'SAME')`` (Flax's ``ConvTranspose``) correlates the
+  stride-dilated input, padded by ``before`` = the larger half of
+  ``kernel_size + stride - 2``, with the kernel as stored. Output
+  ``j = stride * q + r`` (phase r) then reads tap i from input ``q + d`` with
+  ``d = (r + i - before) / stride`` for the taps where that is whole.
+
+  Each phase reads at most ``window = ceil(kernel_size / stride)`` consecutive
+  offsets. Returns ``index[u, r]``, the tap that phase r applies to input
+  ``q + start[r] + u - pad_before`` of the input padded by ``padding``
+  (``kernel_size`` where there is none: a zero), ``start`` and ``padding``
+  (before, after), such that phase r of the output is rows
+  ``start[r] : start[r] + n`` of a VALID ``window``-tap convolution of the
+  padded input.
+  """
+  total = kernel_size + stride - 2
+  before = kernel_size - 1 if stride > kernel_size - 1 else -(-total // 2)
+  offsets = {(r, i): (r + i - before) // stride
+             for r in range(stride) for i in range(kernel_size)
+             if (r + i - before) % stride == 0}
+  lowest, highest = min(offsets.values()), max(offsets.values())
+  # A phase without taps (kernel_size < stride) reads nothing: a zero window.
+  first = [min((d for (p, _), d in offsets.items() if p == r), default=lowest)
+           for r in range(stride)]
+  last = [max((d for (p, _), d in offsets.items() if p == r), default=lowest)
+          for r in range(stride)]
+  window = max(b - a + 1 for a, b in zip(first, last))
+  index = np.full((window, stride), kernel_size)
+  for (r, i), d in offsets.items():
+    index[d - first[r], r] = i
+  start = [a - lowest for a in first]
+  # z (the VALID convolution) must reach row start[r] + n - 1 for every phase.
+  after = highest + max(0, max(start) + window - (highest - lowest + 1))
+  return index, start, (-lowest, after)
+
+
+class SubpixelConvTranspose(nn.Module):
+  """``nn.ConvTranspose(features, (k, k), strides=(s, s), padding='SAME')``, rewritten.
+
+  The same parameters (``kernel`` [k, k, in, features] with the same
+  initialiser, ``bias`` [features]) and the same function up to float
+  rounding, computed as one stride-1 convolution of the undilated input with
+  ``ceil(k / s)``-tap windows, whose s * s * features output channels are the
+  s x s output phases (the kernel's taps regrouped by ``_subpixel_taps``),
+  then, per phase, its rows and columns (phases may read windows that start
+  one input apart) interleaved into the output (depth-to-space). Its
+  gradients are ordinary convolutions, which XLA:CPU runs fast;
+  ``ConvTranspose``'s kernel gradient is not. For k = 4, s = 2 it multiplies
+  exactly as many weights as the transposed convolution: each phase has a
+  2 x 2 window.
+
+  Attributes:
+    features: output channels.
+    kernel_size: side of the square kernel.
+    stride: the upsampling factor.
+  """
+
+  features: int
+  kernel_size: int
+  stride: int
+
+  @nn.compact
+  def __call__(self, x):
+    k, s, features = self.kernel_size, self.stride, self.features
+    batch, height, width, channels = x.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (k, k, channels, features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (features,))
+    index, start, padding = _subpixel_taps(k, s)
+    window = index.shape[0]
+    padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))   # tap k: zeros
+    phases = padded[index[:, None, :, None], index[None, :, None, :]]  # [u, u, s, s, in, out]
+    phases = phases.transpose(0, 1, 4, 2, 3, 5).reshape(window, window, channels,
+                                                        s * s * features)
+    # Padded here, convolved VALID: with the padding inside the convolution,
+    # XLA:CPU computes this kernel gradient with a slow generic loop (measured 3x).
+    x = jnp.pad(x, ((0, 0), padding, padding, (0, 0)))
+    z = jax.lax.conv_general_dilated(x, phases, (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    z = z.reshape(*z.shape[:3], s, s, features)
+    if len(set(start)) == 1:
+      a = start[0]
+      y = z[:, a:a + height, a:a + width]                       # [b, h, w, s, s, f]
+    else:
+      y = jnp.stack([jnp.stack([z[:, a:a + height, c:c + width, r, q]
+                                for q, c in enumerate(start)], axis=3)
+                     for r, a in enumerate(start)], axis=3)     # [b, h, w, s, s, f]
+    y = y.transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(batch, height * s, width * s, features) + bias
 
 
 class ConvVAE(nn.Module):
@@ -50,8 +151,8 @@ class ConvVAE(nn.Module):
     self.decoder_dense = nn.Dense(self.hidden_size, name="dec_dense")
     self.decoder_grid = nn.Dense((height // 4) * (width // 4) * c2, name="dec_grid")
     self.decoder_convs = [
-        nn.ConvTranspose(c1, (4, 4), strides=(2, 2), name="dec_conv1"),
-        nn.ConvTranspose(self.image_shape[2], (4, 4), strides=(2, 2), name="dec_conv2"),
+        SubpixelConvTranspose(c1, 4, 2, name="dec_conv1"),
+        SubpixelConvTranspose(self.image_shape[2], 4, 2, name="dec_conv2"),
     ]
 
   def encode(self, x):

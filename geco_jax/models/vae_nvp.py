@@ -82,6 +82,7 @@ import jax
 import jax.numpy as jnp
 
 from geco_jax.models.common import VAEOutput
+from geco_jax.models.conv_vae import SubpixelConvTranspose
 
 _HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -214,8 +215,8 @@ class VAENVP(nn.Module):
     self.decoder_dense = nn.Dense(self.hidden_size, name="dec_dense")
     self.decoder_grid = nn.Dense((height // 4) * (width // 4) * c2, name="dec_grid")
     self.decoder_convs = [
-        nn.ConvTranspose(c1, (4, 4), strides=(2, 2), name="dec_conv1"),
-        nn.ConvTranspose(self.image_shape[2], (4, 4), strides=(2, 2), name="dec_conv2"),
+        SubpixelConvTranspose(c1, 4, 2, name="dec_conv1"),
+        SubpixelConvTranspose(self.image_shape[2], 4, 2, name="dec_conv2"),
     ]
 
   # Encoder ------------------------------------------------------------------ #
