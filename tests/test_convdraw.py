@@ -314,3 +314,45 @@ def test_mnist_cpu_training_step_compiles_in_time(recurrence):
   print(f"\n{recurrence}: compile {compile_seconds:.1f} s, {rate:.3f} steps/s")
   assert compile_seconds < 60
   assert np.isfinite(float(loss))
+
+
+def test_grouped_conv_is_nn_conv_of_the_concatenation():
+  """nn.Conv's parameters and value; known zeros skipped, precomputed shares added."""
+  import flax.linen as nn
+
+  from geco_jax.models.convdraw import _Gates
+  from geco_jax.models.convdraw import _GroupedConv
+  from geco_jax.models.convdraw import _Zeros
+
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  a, b, c = (jax.random.normal(k, (2, 5, 6, n)) for k, n in zip(keys, (3, 4, 2)))
+  reference, grouped = nn.Conv(7, (3, 3), padding="SAME"), _GroupedConv(7, 3)
+  params = reference.init(_key(1), jnp.concatenate([a, b, c], -1))
+  same = jax.tree.map(np.array_equal, params, grouped.init(_key(1), [a, b, c]))
+  assert all(jax.tree.leaves(same)), "the same parameters, initialised alike"
+  params = jax.tree.map(lambda p: p + 0.1, params)           # a non-zero bias too
+  conv = lambda *groups: reference.apply(params, jnp.concatenate(groups, -1))  # noqa: E731
+  apply = lambda *groups, **kw: grouped.apply(params, list(groups), **kw)  # noqa: E731
+  zeros = lambda x: _Zeros(x.shape)  # noqa: E731
+  close = lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)  # noqa: E731
+
+  close(apply(a, b, c), conv(a, b, c))
+  close(apply(a, zeros(b), c), conv(a, jnp.zeros_like(b), c))
+  share = apply(a, zeros(b), zeros(c), use_bias=False)
+  close(apply(_Gates(share, 3), b, c), conv(a, b, c))
+  close(apply(_Gates(share, 3), zeros(b), c), conv(a, jnp.zeros_like(b), c))
+  close(apply(zeros(a), zeros(b), zeros(c)), conv(*map(jnp.zeros_like, (a, b, c))))
+  two = grouped.init(_key(1), [a, None, c])                  # None: absent, no channels
+  np.testing.assert_allclose(grouped.apply(two, [a, None, c]),
+                             reference.apply(two, jnp.concatenate([a, c], -1)), rtol=1e-5)
+
+
+def test_lstm_zero_state_as_none_is_the_zero_state():
+  from geco_jax.models.convdraw import ConvLSTMCell
+
+  cell = ConvLSTMCell(4, 3)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 3))
+  zero = (jnp.zeros((2, 5, 5, 4)),) * 2
+  params = cell.init(_key(0), zero, (x,))
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6),
+               cell.apply(params, None, (x,)), cell.apply(params, zero, (x,)))

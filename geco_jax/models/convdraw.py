@@ -33,7 +33,13 @@ and concatenates the result to the inputs of the prior, the posterior and the
 decoder LSTM, as GQN's generator does (Eslami et al. 2018).
 
 Each conv-LSTM step computes all four gates with one convolution over its
-concatenated inputs and hidden state; everything is NHWC.
+concatenated inputs and hidden state; everything is NHWC. In the default
+(unrolled) form, what is known before the loop is not recomputed in it: the
+zero states of t = 1 are skipped (the first step's gate and prior convolutions
+see only their non-zero inputs) and the encoder gates' share of read_x(x),
+the same every step, is convolved once. Same parameters, same values to
+float rounding (the scan forms compute everything and are tested against
+it); 18% fewer FLOPs in the mnist_cpu training step (docs/performance.md).
 
 Recurrence forms (``recurrence``), identical in value and gradient:
 - ``'unrolled'``: a Python loop over the steps (one submodule called T times).
@@ -149,9 +155,68 @@ class ConvDrawTrace(NamedTuple):
   prior_log_std: jax.Array
 
 
-def _concat(*arrays):
-  """Concatenates along channels, skipping ``None`` (absent context)."""
-  return jnp.concatenate([a for a in arrays if a is not None], axis=-1)
+class _Zeros(NamedTuple):
+  """An input known to be zero (a state at t = 0): its share of a convolution is skipped."""
+  shape: tuple
+
+
+class _Gates(NamedTuple):
+  """An input's share of a convolution, computed beforehand (it is the same every step)."""
+  value: jax.Array
+  channels: int
+
+
+def _channels(group) -> int:
+  return group.channels if isinstance(group, _Gates) else group.shape[-1]
+
+
+class _GroupedConv(nn.Module):
+  """``nn.Conv(features, (k, k), padding='SAME')`` of channel groups concatenated.
+
+  The parameters are ``nn.Conv``'s (``kernel`` [k, k, sum of the groups'
+  channels, features], ``bias`` [features], initialised alike), and so is
+  the value, computed only over what is not known beforehand: a group given
+  as ``None`` is absent (no channels), a ``_Zeros`` group has channels whose
+  share is zero and is skipped, and a ``_Gates`` group's share was computed
+  earlier with ``use_bias=False`` and is added. The remaining groups are
+  convolved together, as one concatenation with the matching slices of the
+  kernel: one convolution, as in ``nn.Conv``.
+  """
+
+  features: int
+  kernel_size: int
+
+  @nn.compact
+  def __call__(self, groups, use_bias: bool = True):
+    groups = [g for g in groups if g is not None]
+    k = self.kernel_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (k, k, sum(_channels(g) for g in groups), self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    inputs, ranges, shares, offset = [], [], [], 0
+    for group in groups:
+      channels = _channels(group)
+      if isinstance(group, _Gates):
+        shares.append(group.value)
+      elif not isinstance(group, _Zeros):
+        inputs.append(group)
+        if ranges and ranges[-1][1] == offset:
+          ranges[-1] = (ranges[-1][0], offset + channels)   # adjacent: one slice
+        else:
+          ranges.append((offset, offset + channels))
+      offset += channels
+    if inputs:
+      x = inputs[0] if len(inputs) == 1 else jnp.concatenate(inputs, axis=-1)
+      w = jnp.concatenate([kernel[:, :, lo:hi] for lo, hi in ranges], axis=2)
+      shares.append(jax.lax.conv_general_dilated(
+          x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    if not shares:      # every input zero: the bias alone
+      shape = (*groups[0].shape[:-1], self.features)
+      return jnp.broadcast_to(bias, shape) if use_bias else jnp.zeros(shape, bias.dtype)
+    out = shares[0]
+    for share in shares[1:]:
+      out = out + share
+    return out + bias if use_bias else out
 
 
 class ConvLSTMCell(nn.Module):
@@ -161,6 +226,13 @@ class ConvLSTMCell(nn.Module):
   c_t = sigmoid(f + 1) c_{t-1} + sigmoid(i) tanh(g);  h_t = sigmoid(o) tanh(c_t).
   The +1 on the forget gate keeps the cell's memory open at initialisation.
 
+  The gate convolution skips what is known to be zero and what was computed
+  beforehand: a ``None`` state is the zero state (t = 0: no convolution of
+  h, no forget term), and an input that is the same every step can be
+  convolved once (``input_gates``) and passed as ``_Gates``. Values are those
+  of the plain formula; ConvDraw's training step saves about a fifth of its
+  convolution work this way (docs/performance.md).
+
   Attributes:
     features: channels of h and c.
     kernel_size: side of the square gate kernel.
@@ -169,15 +241,32 @@ class ConvLSTMCell(nn.Module):
   features: int
   kernel_size: int
 
-  @nn.compact
+  def setup(self):
+    self.gates = _GroupedConv(4 * self.features, self.kernel_size, name="gates")
+
+  def _zero_hidden(self, inputs):
+    reference = next(g for g in inputs if g is not None)
+    shape = reference.value.shape if isinstance(reference, _Gates) else reference.shape
+    return _Zeros((*shape[:-1], self.features))
+
+  def input_gates(self, inputs) -> _Gates:
+    """The gates' share (no bias) of the arrays among ``inputs``, to reuse.
+
+    ``inputs`` is the full sequence of a later call, with ``_Zeros`` standing
+    for the inputs not precomputed; the result stands for the arrays, which
+    must come first, in that later call.
+    """
+    value = self.gates([*inputs, self._zero_hidden(inputs)], use_bias=False)
+    return _Gates(value, sum(g.shape[-1] for g in inputs
+                             if g is not None and not isinstance(g, _Zeros)))
+
   def __call__(self, state, inputs):
-    """``state`` = (c, h), ``inputs`` a sequence of NHWC arrays (``None`` skipped)."""
-    cell, hidden = state
-    gates = nn.Conv(4 * self.features, (self.kernel_size, self.kernel_size),
-                    padding="SAME", name="gates")(_concat(*inputs, hidden))
+    """``state`` = (c, h), or None for zeros; ``inputs`` a sequence as ``_GroupedConv``'s."""
+    cell, hidden = (None, self._zero_hidden(inputs)) if state is None else state
+    gates = self.gates([*inputs, hidden])
     input_gate, forget_gate, output_gate, candidate = jnp.split(gates, 4, axis=-1)
-    cell = (nn.sigmoid(forget_gate + 1.0) * cell
-            + nn.sigmoid(input_gate) * jnp.tanh(candidate))
+    new = nn.sigmoid(input_gate) * jnp.tanh(candidate)
+    cell = new if cell is None else nn.sigmoid(forget_gate + 1.0) * cell + new
     hidden = nn.sigmoid(output_gate) * jnp.tanh(cell)
     return cell, hidden
 
@@ -189,6 +278,9 @@ class _ConvDrawStep(nn.Module):
   (encoder state, decoder state, canvas logits) and noise ~ N(0, I) is this
   step's reparameterisation noise. With ``x`` None the step generates: z_t is
   drawn from the prior and the encoder is skipped (its state stays None).
+  A None decoder (or, when encoding, encoder) state is the zero state of
+  t = 1, whose convolutions are skipped; ``x_read`` may be the encoder's
+  ``_Gates`` of it (``encoder_input_gates``), computed once for all steps.
   """
 
   image_channels: int
@@ -201,17 +293,27 @@ class _ConvDrawStep(nn.Module):
     kernel = (self.kernel_size, self.kernel_size)
     self.read_error = nn.Conv(self.read_channels, kernel, strides=(2, 2), name="read_error")
     self.encoder = ConvLSTMCell(self.hidden_channels, self.kernel_size, name="encoder")
-    self.posterior = nn.Conv(2 * self.latent_channels, kernel, name="posterior")
-    self.prior = nn.Conv(2 * self.latent_channels, kernel, name="prior")
+    self.posterior = _GroupedConv(2 * self.latent_channels, self.kernel_size,
+                                  name="posterior")
+    self.prior = _GroupedConv(2 * self.latent_channels, self.kernel_size, name="prior")
     self.decoder = ConvLSTMCell(self.hidden_channels, self.kernel_size, name="decoder")
     self.write = nn.ConvTranspose(self.image_channels, kernel, strides=(2, 2),
                                   padding="SAME", name="write")
 
+  def encoder_input_gates(self, x_read) -> _Gates:
+    """The encoder gates' share of the read of x, which every step uses unchanged."""
+    zeros = lambda channels: _Zeros((*x_read.shape[:-1], channels))  # noqa: E731
+    return self.encoder.input_gates(
+        (x_read, zeros(self.read_channels), zeros(self.hidden_channels)))
+
   def __call__(self, carry, noise, x, x_read, context):
     encoder_state, decoder_state, canvas = carry
-    previous_decoder_hidden = decoder_state[1]
+    if decoder_state is None:
+      previous_decoder_hidden = _Zeros((*noise.shape[:-1], self.hidden_channels))
+    else:
+      previous_decoder_hidden = decoder_state[1]
     prior_mean, prior_log_std = jnp.split(
-        self.prior(_concat(previous_decoder_hidden, context)), 2, axis=-1)
+        self.prior((previous_decoder_hidden, context)), 2, axis=-1)
     if x is None:
       mean, log_std = prior_mean, prior_log_std
     else:
@@ -221,7 +323,7 @@ class _ConvDrawStep(nn.Module):
       encoder_state = self.encoder(
           encoder_state, (x_read, error_read, previous_decoder_hidden))
       mean, log_std = jnp.split(
-          self.posterior(_concat(encoder_state[1], context)), 2, axis=-1)
+          self.posterior((encoder_state[1], context)), 2, axis=-1)
     z = mean + jnp.exp(log_std) * noise
     decoder_state = self.decoder(decoder_state, (z, context))
     canvas = canvas + self.write(decoder_state[1])
@@ -281,18 +383,23 @@ class _ConvDrawCore(nn.Module):
     # exactly the same numbers.
     noise = jax.random.normal(
         rng, (self.num_steps, *state_shape, self.latent_channels), dtype)
-    zero_state = lambda: (jnp.zeros((*state_shape, self.hidden_channels), dtype),) * 2
-    encoder_state = None if x is None else zero_state()
-    carry = (encoder_state, zero_state(),
-             jnp.zeros((batch_size, height, width, channels), dtype))
+    canvas = jnp.zeros((batch_size, height, width, channels), dtype)
     x_read = None if x is None else self.read_x(x)
     if self.recurrence == "unrolled":
+      # Known zeros and loop invariants are skipped in the Python loop: the
+      # states of t = 1 are None (zero; their convolutions skipped) and the
+      # encoder's convolution of x's read is computed once, not T times.
+      carry = (None, None, canvas)
+      if x_read is not None:
+        x_read = self.step.encoder_input_gates(x_read)
       per_step = []
       for t in range(self.num_steps):
         carry, outputs = self.step(carry, noise[t], x, x_read, context)
         per_step.append(outputs)
       outputs = jax.tree.map(lambda *a: jnp.stack(a, axis=1), *per_step)
     else:
+      zero_state = lambda: (jnp.zeros((*state_shape, self.hidden_channels), dtype),) * 2
+      carry = (None if x is None else zero_state(), zero_state(), canvas)
       carry, outputs = self.step(carry, noise, x, x_read, context)
       outputs = jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), outputs)
     return carry[2], outputs
