@@ -177,13 +177,20 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn: Callable,
   (loss, (constraint, metrics, output)), grads = jax.value_and_grad(
       objective, has_aux=True)(state.params)
   extra = {"constraint": constraint} if uses_geco else {}
-  updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
-  params = optax.apply_updates(state.params, updates)
-
   finite = jnp.isfinite(loss) & _all_finite(grads)
-  keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-  params = jax.tree_util.tree_map(keep, params, state.params)
-  opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
+
+  def update(_):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
+    return optax.apply_updates(state.params, updates), opt_state, updates
+
+  def skip(_):
+    return (state.params, state.opt_state,
+            jax.tree_util.tree_map(jnp.zeros_like, state.params))
+
+  # A conditional, not ``jnp.where(finite, new, old)`` over every leaf: the
+  # select made XLA copy the donated parameters and Adam moments each step
+  # (measured: 16% of the conv VAE's step; docs/performance.md).
+  params, opt_state, updates = jax.lax.cond(finite, update, skip, None)
   streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
   nonfinite_steps = state.nonfinite_steps + jnp.where(finite, 0, 1)
 
