@@ -67,4 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_checkpoints_to_keep = 3
   config.max_consecutive_nonfinite = 10  # skipped updates in a row before stopping
   config.distributed = False            # jax.distributed.initialize() (multi-host)
+  # XLA flags this experiment runs with, added to $XLA_FLAGS by the entry
+  # points before JAX starts (e.g. ConvDraw's CPU convolutions: configs/paper.py).
+  config.xla_flags = ""
   return config

@@ -46,6 +46,19 @@ def add_re(config, tolerance: float, lambda_lr: float = 1e-4):
   return config
 
 
+# XLA:CPU (jaxlib 0.10) runs a convolution through YNNPACK by default, on one
+# thread when the work per image is small (below about 20 MFLOP: measured
+# 92-99 GF/s for them against 170-200 GF/s above, on 2 cores, whatever the
+# batch). Every gate convolution of the CPU ConvDraw presets is below, so
+# ConvDraw keeps YNNPACK for dots and reductions and leaves convolutions to
+# XLA's own (Eigen) kernels, which use both cores: its training step runs
+# 1.3-1.5x faster (docs/performance.md). The conv VAE and VAE+NVP measured
+# faster with YNNPACK's convolutions and keep the default. On an accelerator
+# this CPU flag does nothing.
+CPU_CONVOLUTIONS_WITHOUT_YNNPACK = (
+    "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce")
+
+
 def convdraw(dataset: str, preset_family: str, arg=None, *, source: str = "npz",
              tolerance: float = 0.1, conditional: bool = False):
   """ConvDraw (or conditional ConvDraw) with GECO and an RE constraint."""
@@ -53,6 +66,7 @@ def convdraw(dataset: str, preset_family: str, arg=None, *, source: str = "npz",
   config = _common(dataset, source, size)
   config.model.name = "conditional_convdraw" if conditional else "convdraw"
   config.model.preset = f"{preset_family}_{size}"
+  config.xla_flags = CPU_CONVOLUTIONS_WITHOUT_YNNPACK
   return add_re(config, tolerance)
 
 

@@ -84,3 +84,24 @@ def quiet_library_logs() -> None:
     return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
 
   logging.get_absl_handler().python_handler.addFilter(keep)
+
+
+def apply_xla_flags(config: ml_collections.ConfigDict) -> None:
+  """Puts ``config.xla_flags`` in ``$XLA_FLAGS``, which XLA reads when JAX starts.
+
+  The config's flags come first, so a flag also set in the environment keeps
+  the environment's value. Called before any JAX computation; if JAX's
+  backends are already running, the flags cannot take effect and that is
+  logged as a warning.
+  """
+  wanted = config.get("xla_flags", "").split()
+  current = os.environ.get("XLA_FLAGS", "").split()
+  if not wanted or all(flag in current for flag in wanted):
+    return
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+
+  if xla_bridge.backends_are_initialized():
+    logging.warning("config.xla_flags %r not applied: JAX has already started.",
+                    config.xla_flags)
+    return
+  os.environ["XLA_FLAGS"] = " ".join(wanted + current)

@@ -188,6 +188,7 @@ def _marginal_kl(model, params, arrays, rng) -> Optional[dict[str, float]]:
 def evaluate_run(workdir: str, checkpoint: str = "latest", **kwargs) -> dict[str, Any]:
   """Restore a run's checkpoint and write ``eval.json`` (+ PNG grids) into it."""
   config = load_run_config(workdir)  # first: a wrong workdir fails fast
+  cli.apply_xla_flags(config)
   import jax
   import matplotlib
   matplotlib.use("Agg")

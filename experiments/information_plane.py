@@ -223,6 +223,7 @@ def main(argv):
   except setup.ConfigError as e:
     cli.fail(str(e))
   cli.quiet_library_logs()
+  cli.apply_xla_flags(config)
   try:
     rows = run(config, cli.WORKDIR.value, tolerances, _MATCH_ELBO.value,
                num_train=evaluate.NUM_TRAIN.value,

@@ -54,6 +54,7 @@ def main(argv):
   except setup.ConfigError as e:
     cli.fail(str(e))
   cli.quiet_library_logs()
+  cli.apply_xla_flags(config)
   if config.distributed:
     initialize_distributed()
   try:

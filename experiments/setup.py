@@ -147,6 +147,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _positive_int(config, "eval_num_examples")
   require(isinstance(config.distributed, bool),
           f"config.distributed must be True or False; got {config.distributed!r}.")
+  require(isinstance(config.xla_flags, str)
+          and all(f.startswith("--xla_") for f in config.xla_flags.split()),
+          "config.xla_flags must be a string of --xla_... flags separated by spaces; "
+          f"got {config.xla_flags!r}.")
 
   data = config.dataset
   require(data.name in DATASETS,

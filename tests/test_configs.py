@@ -1,6 +1,7 @@
 """Every experiment config loads, validates, and says how to run it."""
 
 import importlib
+import os
 import pathlib
 
 import pytest
@@ -36,3 +37,64 @@ def test_config_validates_and_its_docstring_gives_the_command(name, tmp_path):
     setup.validate_config(config)
     # The model's keyword arguments resolve for the dataset's image shape.
     setup.model_kwargs(config, (28, 28, 1))
+
+
+def test_convdraw_configs_run_without_ynnpack_convolutions():
+  """ConvDraw's configs carry the XLA flag measured to speed them up; others none."""
+  from configs import paper
+
+  for name in CONFIGS:
+    config = importlib.import_module(f"configs.{name}").get_config()
+    expected = (paper.CPU_CONVOLUTIONS_WITHOUT_YNNPACK
+                if config.model.name in ("convdraw", "conditional_convdraw") else "")
+    assert config.xla_flags == expected, name
+
+
+def test_xla_accepts_the_configs_flags():
+  """XLA aborts on a flag or value it does not know: catch a renamed flag here."""
+  import os
+  import subprocess
+  import sys
+
+  from configs import paper
+
+  env = dict(os.environ, XLA_FLAGS=paper.CPU_CONVOLUTIONS_WITHOUT_YNNPACK,
+             JAX_PLATFORMS="cpu")
+  code = ("import jax, jax.numpy as jnp; x = jnp.ones((1, 6, 6, 2));"
+          "w = jnp.ones((3, 3, 2, 4));"
+          "print(float(jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',"
+          " dimension_numbers=('NHWC', 'HWIO', 'NHWC')).sum()))")
+  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert float(done.stdout.strip().splitlines()[-1]) == 4 * 2 * (16 * 9 + 16 * 6 + 4 * 4)
+
+
+@pytest.mark.parametrize("flags", ["-O3", "--xla_cpu_enable_fast_math=true -O3"])
+def test_bad_xla_flags_are_a_config_error(flags):
+  from configs import default
+
+  config = default.get_config()
+  config.xla_flags = flags
+  with pytest.raises(setup.ConfigError, match="xla_flags"):
+    setup.validate_config(config)
+
+
+def test_apply_xla_flags_puts_the_configs_flags_first(monkeypatch):
+  from jax._src import xla_bridge
+
+  from configs import default
+  from experiments import cli
+
+  config = default.get_config()
+  config.xla_flags = "--xla_a=1 --xla_b=2"
+  monkeypatch.setenv("XLA_FLAGS", "--xla_b=3")
+  monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+  cli.apply_xla_flags(config)
+  assert os.environ["XLA_FLAGS"] == "--xla_a=1 --xla_b=2 --xla_b=3"   # the environment wins
+  cli.apply_xla_flags(config)                                         # already there
+  assert os.environ["XLA_FLAGS"] == "--xla_a=1 --xla_b=2 --xla_b=3"
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
+  cli.apply_xla_flags(config)                                         # too late: unchanged
+  assert os.environ["XLA_FLAGS"] == ""
