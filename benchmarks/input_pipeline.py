@@ -22,9 +22,15 @@ import time
 from absl import app
 from absl import flags
 
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Global batch size.")
-_SECONDS = flags.DEFINE_float("seconds", 3.0, "Length of each timed window.")
-_JSON = flags.DEFINE_string("json", None, "Optional path for the results as JSON.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command line of ``main``; defined only when this module runs as the
+  program, so that other benchmarks can import its helpers."""
+  flags.DEFINE_integer("batch_size", 64, "Global batch size.")
+  flags.DEFINE_float("seconds", 3.0, "Length of each timed window.")
+  flags.DEFINE_string("json", None, "Optional path for the results as JSON.")
 
 
 def _rate(fn, seconds: float) -> float:
@@ -59,39 +65,61 @@ def _step_rate(config, images, seconds: float) -> float:
   return _rate(one_step, seconds)
 
 
-def main(argv):
-  del argv
-  import jax
-  import numpy as np
+def mnist_shaped_images():
+  """(images [60000, 28, 28, 1] float32 in [0, 1], a description of their source).
 
-  from configs import convdraw_mnist
-  from configs import default
-  from geco_jax.data import EpochBatcher
-  from geco_jax.data import Prefetcher
+  The real MNIST when GECO_DATA_DIR holds mnist.npz, random data of that shape
+  otherwise (which costs the same to index and to train on).
+  """
+  import numpy as np
 
   path = os.path.join(os.environ.get("GECO_DATA_DIR", ""), "mnist.npz")
   if os.path.exists(path):
-    images = np.load(path)["x_train"][..., None].astype(np.float32) / 255.0
-    source = path
-  else:
-    images = np.random.default_rng(0).random((60000, 28, 28, 1), np.float32)
-    source = "random data of MNIST's shape"
-  batcher = EpochBatcher({"image": images}, _BATCH.value, seed=0)
+    return np.load(path)["x_train"][..., None].astype(np.float32) / 255.0, path
+  return (np.random.default_rng(0).random((60000, 28, 28, 1), np.float32),
+          "random data of MNIST's shape")
 
+
+def pipeline_rates(images, batch_size: int, seconds: float, transform=None) -> dict:
+  """Batches/s of ``EpochBatcher.batch_at`` and of the ``Prefetcher`` over it.
+
+  ``transform`` is applied by the prefetcher's thread, as the trainer applies
+  ``Experiment.device_batch`` (host -> device copy) there.
+  """
+  from geco_jax.data import EpochBatcher
+  from geco_jax.data import Prefetcher
+
+  batcher = EpochBatcher({"image": images}, batch_size, seed=0)
   step_counter = iter(range(10**9))
-  batch_rate = _rate(lambda: batcher.batch_at(next(step_counter)), _SECONDS.value)
-  prefetched = Prefetcher(batcher.iterate())
-  prefetch_rate = _rate(lambda: next(prefetched), _SECONDS.value)
-  prefetched.close()
+  batch_rate = _rate(lambda: batcher.batch_at(next(step_counter)), seconds)
+  prefetched = Prefetcher(batcher.iterate(), transform=transform)
+  try:
+    prefetch_rate = _rate(lambda: next(prefetched), seconds)
+  finally:
+    prefetched.close()
+  return {"batcher_batches_per_s": batch_rate, "prefetcher_batches_per_s": prefetch_rate}
+
+
+def main(argv):
+  del argv
+  import jax
+
+  from configs import convdraw_mnist
+  from configs import default
+
+  images, source = mnist_shaped_images()
+  rates = pipeline_rates(images, FLAGS.batch_size, FLAGS.seconds)
+  batch_rate = rates["batcher_batches_per_s"]
+  prefetch_rate = rates["prefetcher_batches_per_s"]
 
   config = default.get_config()
-  config.batch_size = _BATCH.value
-  step_rate = _step_rate(config, images, _SECONDS.value)
+  config.batch_size = FLAGS.batch_size
+  step_rate = _step_rate(config, images, FLAGS.seconds)
   config = convdraw_mnist.get_config()     # ConvDraw, mnist_cpu preset, GECO + RE
-  config.batch_size = _BATCH.value
-  convdraw_rate = _step_rate(config, images, _SECONDS.value)
+  config.batch_size = FLAGS.batch_size
+  convdraw_rate = _step_rate(config, images, FLAGS.seconds)
   results = {
-      "data": source, "batch_size": _BATCH.value, "backend": jax.default_backend(),
+      "data": source, "batch_size": FLAGS.batch_size, "backend": jax.default_backend(),
       "batcher_batches_per_s": batch_rate, "prefetcher_batches_per_s": prefetch_rate,
       "conv_vae_geco_steps_per_s": step_rate,
       "convdraw_mnist_cpu_geco_steps_per_s": convdraw_rate,
@@ -100,10 +128,11 @@ def main(argv):
   }
   for key, value in results.items():
     print(f"{key:36s} {value:.1f}" if isinstance(value, float) else f"{key:36s} {value}")
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
       json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

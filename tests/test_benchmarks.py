@@ -1,0 +1,145 @@
+"""benchmarks/: the PyTorch twins are the same models, and step_time runs end to end.
+
+The twins need torch (the ``bench`` extra); those tests are skipped without it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import convdraw_mnist
+from configs import default
+from configs import nvp_mnist
+from experiments import setup
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIGS = {"conv_vae": default, "convdraw": convdraw_mnist, "vae_nvp": nvp_mnist}
+
+
+def _images(batch=2):
+  return np.random.default_rng(0).random((batch, 28, 28, 1), np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(_CONFIGS))
+def test_torch_twins_have_the_flax_parameter_counts(name):
+  pytest.importorskip("torch")
+  from benchmarks import torch_models
+
+  config = _CONFIGS[name].get_config()
+  model = setup.make_model(config, (28, 28, 1))
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), _images(),
+                          jax.random.PRNGKey(1))
+  twin = torch_models.MODELS[name](**setup.model_kwargs(config, (28, 28, 1)))
+  flax_count = sum(leaf.size for leaf in jax.tree_util.tree_leaves(shapes))
+  assert torch_models.num_parameters(twin) == flax_count
+
+
+@pytest.mark.parametrize("name", sorted(_CONFIGS))
+def test_torch_twins_compute_the_flax_function(name):
+  """With the Flax parameters and the same noise, the same reconstruction and KL."""
+  torch = pytest.importorskip("torch")
+  from benchmarks import torch_models
+
+  config = _CONFIGS[name].get_config()
+  if name == "convdraw":
+    config.model.num_steps = 3   # every step runs the same layers; fewer compile faster
+  model = setup.make_model(config, (28, 28, 1))
+  x = _images()
+  rng = jax.random.PRNGKey(2)
+
+  @jax.jit
+  def init_and_apply(x):
+    params = model.init(jax.random.PRNGKey(0), x, jax.random.PRNGKey(1))
+    return params, model.apply(params, x, rng)
+
+  params, out = init_and_apply(x)
+  kwargs = setup.model_kwargs(config, (28, 28, 1))
+  # The noise each Flax model draws from ``rng``, in torch's layout.
+  if name == "conv_vae":
+    noise = np.asarray(jax.random.normal(rng, (len(x), kwargs["latent_size"])))
+  elif name == "vae_nvp":
+    noise = np.asarray(jax.random.normal(rng, (len(x), 1, kwargs["latent_size"])))[:, 0]
+  else:
+    noise = np.asarray(jax.random.normal(
+        rng, (kwargs["num_steps"], len(x), 14, 14, kwargs["latent_channels"])))
+    noise = noise.transpose(0, 1, 4, 2, 3)
+  twin = torch_models.MODELS[name](**kwargs)
+  torch_models.load_flax_params(twin, params["params"])
+  for memory_format in (torch.contiguous_format, torch.channels_last):
+    twin = twin.to(memory_format=memory_format)
+    images = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).contiguous(
+        memory_format=memory_format)
+    with torch.no_grad():
+      reconstruction, kl = twin(images, torch.from_numpy(noise.copy()))
+    np.testing.assert_allclose(reconstruction.numpy().transpose(0, 2, 3, 1),
+                               np.asarray(out.reconstruction), atol=1e-5)
+    np.testing.assert_allclose(kl.numpy(), np.asarray(out.kl), rtol=1e-4, atol=1e-4)
+
+
+def test_torch_geco_step_follows_geco_jax():
+  """GecoStep's loss, moving average and multiplier are geco_jax's, step by step."""
+  torch = pytest.importorskip("torch")
+  import geco_jax
+  from benchmarks import torch_models
+
+  kwargs = dict(lambda_lr=0.05, alpha=0.9, lambda_init=2.0, lambda_min=1e-3,
+                lambda_max=50.0)
+  step = torch_models.GecoStep(torch.nn.Linear(1, 1), learning_rate=1e-3, **kwargs)
+  tx = geco_jax.geco(lambda_lr=kwargs["lambda_lr"], alpha=kwargs["alpha"],
+                     lambda_init={"re": kwargs["lambda_init"]},
+                     lambda_min=kwargs["lambda_min"], lambda_max=kwargs["lambda_max"])
+  opt_state = tx.init({})
+  for kl, constraint in [(3.0, 40.0), (2.5, 10.0), (2.0, -30.0), (1.0, 60.0)]:
+    loss = step.lagrangian(torch.tensor(kl), torch.tensor(constraint))
+    expected = geco_jax.lagrangian(kl, {"re": constraint}, opt_state)
+    step.update_multiplier()
+    _, opt_state = tx.update({}, opt_state, constraint={"re": constraint})
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
+    np.testing.assert_allclose(float(step.lagrange_multiplier),
+                               float(geco_jax.lagrange_multiplier(opt_state)["re"]),
+                               rtol=1e-5)
+    np.testing.assert_allclose(float(step.constraint_ma),
+                               float(geco_jax.constraint_moving_average(opt_state)["re"]),
+                               rtol=1e-5)
+
+
+@pytest.mark.slow   # about 30 s: a fresh process compiles and times the conv VAE
+def test_step_time_cli_writes_the_results(tmp_path):
+  """Tiny settings, end to end in a fresh process (JAX only when torch is absent)."""
+  try:
+    import torch  # noqa: F401  pylint: disable=unused-import
+    has_torch = True
+  except ImportError:
+    has_torch = False
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  out = tmp_path / "step_time.json"
+  done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.step_time", "--models=conv_vae",
+       "--sections=compare,pipeline", "--seconds=0.05", "--rounds=1",
+       "--torch_layouts=nchw", "--torch_threads=1", "--nolean", "--geco_rounds=2",
+       "--geco_seconds=0.05", f"--json={out}"],
+      cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads(out.read_text())
+  assert {"machine", "load_start", "load_end", "compare", "pipeline"} <= set(results)
+  entry = results["compare"]["conv_vae"]
+  for key in ("jax_steps_per_s", "jax_compile_s", "jax_elbo_steps_per_s", "geco_overhead",
+              "geco_overhead_pairs",
+              "flops_per_step", "matmul_flops_per_s", "jax_fraction_of_matmul_peak",
+              "load_start", "load_end"):
+    assert key in entry, key
+  assert entry["jax_steps_per_s"] > 0 and entry["flops_per_step"] > 0
+  assert len(results["load_start"]) == 3
+  if has_torch:
+    assert entry["torch_best"] == "nchw/1t"
+    assert entry["torch_best_steps_per_s"] > 0 and entry["ratio_jax_to_torch_best"] > 0
+  else:
+    assert entry["torch"] == {}
+  assert results["pipeline"]["by_model"]["conv_vae"]["ratio_pipeline_to_step"] > 0
+  assert "JAX/torch" in done.stdout
