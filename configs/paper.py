@@ -47,7 +47,7 @@ def add_re(config, tolerance: float, lambda_lr: float = 1e-4):
 
 
 # XLA:CPU (jaxlib 0.10) runs a convolution through YNNPACK by default, on one
-# thread when the work per image is small (below about 20 MFLOP: measured
+# thread when the work per image is small (below about 40 MFLOP: measured
 # 92-99 GF/s for them against 170-200 GF/s above, on 2 cores, whatever the
 # batch). Every gate convolution of the CPU ConvDraw presets is below, so
 # ConvDraw keeps YNNPACK for dots and reductions and leaves convolutions to
