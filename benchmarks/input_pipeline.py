@@ -11,6 +11,10 @@ Measures, in one process on the same machine:
 - steps/s of the default experiment's conv VAE GECO step on the same batches,
 - steps/s of a ConvDraw GECO step (``mnist_cpu`` preset) on the same batches,
 and prints the ratios pipeline / step (the goal is >= 10 against ConvDraw).
+Both steps run with this process's XLA flags, not ConvDraw's config's
+(``config.xla_flags``), so ConvDraw's step is slower here than in training;
+``python -m benchmarks.step_time`` times each model with its own flags and
+measures the pipeline beside them.
 """
 
 from __future__ import annotations

@@ -35,6 +35,12 @@ data_parallel
   devices (a subprocess with ``--xla_force_host_platform_device_count``). On
   a CPU this measures the overhead of splitting, not a speed-up.
 
+Each model runs with its config's ``xla_flags`` (``configs/paper.py``: ConvDraw's
+keep XLA:CPU's convolutions off YNNPACK), as ``experiments.main`` runs it: XLA
+reads its flags once, when JAX starts, so a model whose flags this process
+lacks is timed (``compare``, and ``scaling`` for ConvDraw) in a subprocess with
+them; ``--noconfig_xla_flags`` times every model with this process's flags.
+
 A window starts from the runner's initial state (parameters, optimiser and
 GECO state restored outside the timing, so that every runner and every round
 times the same stretch of training: the first steps on one fixed batch) and
