@@ -2,7 +2,8 @@ r"""ELBO, GQN-annealed ELBO and GECO at several tolerances, in the information p
 
   GECO_DATA_DIR=../shared/data python -m experiments.information_plane \
       --config configs/convdraw_mnist.py --workdir runs/info_plane_convdraw_mnist \
-      [--tolerances=0.06,0.08,0.1] [--match_elbo] [--config.num_steps=...]
+      [--tolerances=0.06,0.08,0.1] [--match_elbo] [--variants=elbo,geco_matched] \
+      [--config.num_steps=...]
 
 For one model and dataset (the config), trains into ``workdir/<variant>``
 (or, where a variant's run already finished, collects it):
@@ -15,7 +16,9 @@ For one model and dataset (the config), trains into ``workdir/<variant>``
 - with ``--match_elbo``, ``geco_matched``: GECO whose RE target is the RMSE
   the ELBO run reached (the paper's Figure 5 comparison),
 
-then evaluates each run with ``experiments.evaluate`` (sigma-independent NLL,
+(``--variants`` restricts the runs to the named ones, e.g.
+``--match_elbo --variants=elbo,geco_matched`` for Figure 5 alone), then
+evaluates each run with ``experiments.evaluate`` (sigma-independent NLL,
 average and marginal KL, RMSE) and writes into ``workdir``:
 
 - ``results.csv`` and ``results.md``: one row per variant;
@@ -49,6 +52,8 @@ _TOLERANCES = flags.DEFINE_list("tolerances", ["0.06", "0.08", "0.1"],
                                 "RE tolerances (per-pixel RMSE) of the GECO variants.")
 _MATCH_ELBO = flags.DEFINE_bool("match_elbo", False,
                                 "Also train GECO with the ELBO run's RMSE as its target.")
+_VARIANTS = flags.DEFINE_list(
+    "variants", [], "Only these variants (names as in the docstring; empty: all).")
 
 COLUMNS = ("variant", "objective", "tolerance", "steps", "rmse", "re_satisfied",
            "average_kl", "marginal_kl", "marginal_kl_se", "nll", "nll_bits_per_dim",
@@ -64,17 +69,34 @@ def with_objective(config, objective: str, **elbo_fields):
   return config
 
 
+def _geco_targets(tolerances) -> dict[str, float]:
+  return {f"geco_re_{float(t):g}": float(t) for t in tolerances}
+
+
 def variants(config, tolerances, elbo_rmse=None) -> dict[str, Any]:
   """The configs of every variant, by name."""
   out = {"elbo": with_objective(config, "elbo", learn_sigma=True)}
   out["elbo_annealed"] = with_objective(config, "elbo_annealed")
-  targets = {f"geco_re_{float(t):g}": float(t) for t in tolerances}
+  targets = _geco_targets(tolerances)
   if elbo_rmse is not None:
     targets["geco_matched"] = float(elbo_rmse)
   for name, tolerance in targets.items():
     out[name] = with_objective(config, "geco")
     out[name].constraints.re.tolerance = tolerance
   return out
+
+
+def check_selection(names, tolerances, match_elbo: bool) -> None:
+  """Raises ValueError unless ``names`` (``--variants``) can all be run."""
+  known = ["elbo", "elbo_annealed", *_geco_targets(tolerances)]
+  known += ["geco_matched"] if match_elbo else []
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise ValueError(f"unknown variant(s) {', '.join(unknown)}; with these flags the "
+                     f"variants are {', '.join(known)}.")
+  if match_elbo and names and "geco_matched" in names and "elbo" not in names:
+    raise ValueError("geco_matched takes its target from the elbo run: name elbo in "
+                     "--variants too.")
 
 
 def read_scalars(workdir: str, tags) -> dict[str, list[tuple[int, float]]]:
@@ -167,8 +189,9 @@ def plot(rows, trajectories, outdir: str) -> None:
   plt.close(fig)
 
 
-def run(config, workdir: str, tolerances, match_elbo: bool, **eval_kwargs):
-  """Train (or collect) every variant, evaluate, write the tables and plots."""
+def run(config, workdir: str, tolerances, match_elbo: bool, only=(), **eval_kwargs):
+  """Train (or collect) every variant (or those in ``only``), evaluate, write the
+  tables and plots."""
   from etils import epath
 
   from experiments import setup
@@ -177,7 +200,8 @@ def run(config, workdir: str, tolerances, match_elbo: bool, **eval_kwargs):
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   data = setup.make_dataset(config)
   rows, trajectories = [], {}
-  todo = variants(config, tolerances)
+  selected = (lambda name: name in only) if only else (lambda name: True)
+  todo = {k: v for k, v in variants(config, tolerances).items() if selected(k)}
   done: set[str] = set()
   while todo:
     name, variant = next(iter(todo.items()))
@@ -192,7 +216,7 @@ def run(config, workdir: str, tolerances, match_elbo: bool, **eval_kwargs):
     done.add(name)
     if name == "elbo" and match_elbo:
       todo.update({k: v for k, v in variants(config, (), evaluation["rmse"]).items()
-                   if k not in done and k not in todo})
+                   if k not in done and k not in todo and selected(k)})
   with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=COLUMNS)
     writer.writeheader()
@@ -214,6 +238,10 @@ def main(argv):
     tolerances = [float(t) for t in _TOLERANCES.value]
   except ValueError:
     cli.fail(f"--tolerances must be numbers; got {_TOLERANCES.value}.")
+  try:
+    check_selection(_VARIANTS.value, tolerances, _MATCH_ELBO.value)
+  except ValueError as e:
+    cli.fail(f"--variants: {e}")
   if "re" not in config.constraints:
     cli.fail("the config needs an RE constraint (config.constraints.re): the GECO "
              "variants differ in its tolerance.")
@@ -226,6 +254,7 @@ def main(argv):
   cli.apply_xla_flags(config)
   try:
     rows = run(config, cli.WORKDIR.value, tolerances, _MATCH_ELBO.value,
+               only=tuple(_VARIANTS.value),
                num_train=evaluate.NUM_TRAIN.value,
                num_marginal=evaluate.NUM_MARGINAL.value)
   except setup.ConfigError as e:

@@ -70,15 +70,29 @@ def test_information_plane_variants():
   assert config.objective == "geco" and config.constraints.re.tolerance == 0.1
 
 
+def test_information_plane_variant_selection():
+  information_plane.check_selection([], [0.1], match_elbo=False)
+  information_plane.check_selection(["elbo", "geco_matched"], [], match_elbo=True)
+  with pytest.raises(ValueError, match="unknown variant.*geco_re_0.2.*variants are elbo, "
+                     "elbo_annealed, geco_re_0.1\\.$"):
+    information_plane.check_selection(["geco_re_0.2"], [0.1], match_elbo=False)
+  with pytest.raises(ValueError, match="unknown variant.*geco_matched"):
+    information_plane.check_selection(["elbo", "geco_matched"], [], match_elbo=False)
+  with pytest.raises(ValueError, match="name elbo in --variants"):
+    information_plane.check_selection(["geco_matched"], [], match_elbo=True)
+
+
 def test_information_plane_reads_the_trajectories_and_plots(tiny_run, tmp_path):
   workdir, summary = tiny_run
   series = information_plane.read_scalars(str(workdir), ("lambda/re", "kl", "rmse"))
   assert [step for step, _ in series["lambda/re"]] == [2, 4]
   assert series["lambda/re"][-1][1] == pytest.approx(summary["lambda"]["re"], rel=1e-6)
-  evaluation = evaluate.evaluate_run(str(workdir), num_train=32, num_marginal=16)
+  evaluation = evaluate.evaluate_run(str(workdir), num_train=32, num_marginal=0)
+  assert evaluation["marginal_kl"] is None          # 0: not computed
   config = tiny_config()
   row = information_plane._row("geco_re_0.1", config, summary, evaluation)
   assert set(row) == set(information_plane.COLUMNS)
+  assert row["marginal_kl"] is None and row["marginal_kl_se"] is None
   table = information_plane.markdown_table([row])
   assert table.count("\n") == 3 and "geco_re_0.1" in table
   information_plane.plot([row], {"geco_re_0.1": series}, str(tmp_path))
