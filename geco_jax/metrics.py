@@ -561,10 +561,21 @@ def marginal_kl(
 
   ConvDraw: z is the sequence z_1..T, the posterior q(z|x) =
   prod_t q(z_t | x, z_<t) and the prior p(z) = prod_t p(z_t | z_<t) is
-  learned, so both log q(z | x_j) (re-running x_j's encoder along another
-  example's path z, teacher-forced) and log p(z) need a full recurrent pass
-  per pair; the model does not expose that scoring, and the marginal KL over
-  a [T, H, W, C] latent is left unimplemented there.
+  learned. Both are scored by teacher forcing along a given path:
+  ``ConvDraw.log_prior`` runs the decoder along z, and
+  ``ConvDraw.pairwise_log_posterior`` runs x_j's encoder on that decoder's
+  states, once per pair (T steps each, the cost that dominates)::
+
+    z = model.apply(params, images, rng, method=model.trace).latent   # [N, T, h, w, c]
+    log_p = model.apply(params, z, method=model.log_prior)            # [N]
+    def log_q(z_block, j_block):                                      # [B, J]
+      return model.apply(params, z_block, images[j_block],
+                         method=model.pairwise_log_posterior).T
+    marginal_kl(z, log_q, len(images), log_prior_fn=lambda _: log_p, block_size=32)
+
+  (``experiments.evaluate``). Its posteriors are sharp over a
+  [T, H/2, W/2, C] latent, so the estimate sits near its lower bound,
+  average KL - log N, unless the posteriors of different images overlap.
 
   Args:
     samples: z_s, [S, ...], each drawn from one held-out example's posterior,
@@ -573,7 +584,7 @@ def marginal_kl(
       | x_j) for all pairs (see ``log_aggregate_posterior``).
     num_posteriors: N.
     log_prior_fn: ``z [S, ...] -> [S]``, log pi(z); default the standard normal
-      N(0, I) of every geco_jax model but ConvDraw.
+      N(0, I) of every geco_jax model but ConvDraw (whose prior is learned).
     block_size: samples and posteriors per block (memory ~ block_size^2).
     leave_out: optional [S] ints, the example each sample was drawn from, for
       the leave-one-out estimate (needs N >= 2).

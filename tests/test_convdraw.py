@@ -356,3 +356,119 @@ def test_lstm_zero_state_as_none_is_the_zero_state():
   params = cell.init(_key(0), zero, (x,))
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6),
                cell.apply(params, None, (x,)), cell.apply(params, zero, (x,)))
+
+
+# Scoring given paths (teacher forcing), for ConvDraw's marginal KL.
+
+
+def _numpy_log_normal(z, mean, log_std):
+  z, mean, log_std = (np.asarray(a, np.float64) for a in (z, mean, log_std))
+  terms = -0.5 * ((z - mean) / np.exp(log_std)) ** 2 - log_std - 0.5 * np.log(2 * np.pi)
+  return terms.reshape(terms.shape[0], -1).sum(axis=1)
+
+
+@pytest.fixture(scope="module")
+def scored_paths(unconditional):
+  """One jitted program: a trace, and its paths scored every way, on 3 images."""
+  model, params = unconditional.model, unconditional.params
+  x = jax.random.uniform(jax.random.PRNGKey(7), (3, *IMAGE_SHAPE))
+
+  @jax.jit
+  def score(params, x, rng):
+    trace = model.apply(params, x, rng, method=model.trace)
+    z = trace.latent
+    return dict(
+        trace=trace,
+        log_prior=model.apply(params, z, method=model.log_prior),
+        log_posterior=model.apply(params, z, x, method=model.log_posterior),
+        # path b under image j, row by row: z[[0, 1, 2, 0, 1, 2]] under x[[1, 2, 0, 2, 0, 1]]
+        crossed=model.apply(params, z[jnp.array([0, 1, 2, 0, 1, 2])],
+                            x[jnp.array([1, 2, 0, 2, 0, 1])], method=model.log_posterior),
+        pairwise=model.apply(params, z, x[:2], method=model.pairwise_log_posterior))
+
+  return jax.device_get(score(params, x, _key(3)))
+
+
+def test_teacher_forcing_along_the_sampled_path_gives_its_densities(scored_paths):
+  # Scoring the encoding pass's own path must reproduce, step by step, the
+  # posterior and prior that pass drew it from: log q and log p are the
+  # Gaussian densities at z of the trace's means and scales.
+  trace = scored_paths["trace"]
+  np.testing.assert_allclose(
+      scored_paths["log_posterior"],
+      _numpy_log_normal(trace.latent, trace.posterior_mean, trace.posterior_log_std),
+      rtol=1e-5)
+  np.testing.assert_allclose(
+      scored_paths["log_prior"],
+      _numpy_log_normal(trace.latent, trace.prior_mean, trace.prior_log_std), rtol=1e-5)
+
+
+def test_pairwise_scores_are_the_row_by_row_scores_of_every_pair(scored_paths):
+  pairwise = scored_paths["pairwise"]          # [2 images, 3 paths]
+  assert pairwise.shape == (2, 3)
+  np.testing.assert_allclose(np.diag(pairwise), scored_paths["log_posterior"][:2], rtol=1e-5)
+  crossed = scored_paths["crossed"]           # path b under image j, see scored_paths
+  for (b, j), value in zip([(0, 1), (1, 2), (2, 0), (0, 2), (1, 0), (2, 1)], crossed):
+    if j < 2:
+      np.testing.assert_allclose(pairwise[j, b], value, rtol=1e-5)
+
+
+def test_one_step_convdraw_scores_are_its_gaussian_posteriors():
+  # T = 1: q(z|x_j) is the Gaussian the encoding pass of x_j computes, whatever
+  # z is scored, so the pairwise scores are known independently of teacher forcing.
+  model = ConvDraw(**dict(TINY, num_steps=1))
+  x = jax.random.uniform(jax.random.PRNGKey(8), (3, *IMAGE_SHAPE))
+  params = model.init(_key(0), x, _key(1))
+  trace = model.apply(params, x, _key(2), method=model.trace)
+  pairwise = model.apply(params, trace.latent, x, method=model.pairwise_log_posterior)
+  for j in range(3):
+    expected = _numpy_log_normal(
+        trace.latent, np.broadcast_to(trace.posterior_mean[j], trace.latent.shape),
+        np.broadcast_to(trace.posterior_log_std[j], trace.latent.shape))
+    np.testing.assert_allclose(pairwise[j], expected, rtol=1e-5)
+
+
+def test_scoring_needs_the_unrolled_form_and_a_path_of_the_right_shape(unconditional):
+  params, x = unconditional.params, _images()
+  z = unconditional.reference["trace"].latent
+  scanned = ConvDraw(**TINY, recurrence="scan")
+  with pytest.raises(ValueError, match=r"clone\(recurrence='unrolled'\)"):
+    scanned.apply(params, z, method=scanned.log_prior)
+  unrolled = scanned.clone(recurrence="unrolled")
+  np.testing.assert_allclose(unrolled.apply(params, z, method=unrolled.log_prior),
+                             unconditional.model.apply(params, z,
+                                                       method=unconditional.model.log_prior),
+                             rtol=1e-6)
+  model = unconditional.model
+  with pytest.raises(ValueError, match="latent path of shape"):
+    model.apply(params, z[:, :2], x, method=model.log_posterior)
+  with pytest.raises(ValueError, match="path i under x"):
+    model.apply(params, z, x[:1], method=model.log_posterior)
+
+
+def test_convdraw_marginal_kl_of_identical_images_is_its_path_kl():
+  # With every held-out image the same, the aggregate posterior is that image's
+  # posterior, so each term log q_N(z_s) - log p(z_s) is log q(z_s|x) - log p(z_s)
+  # exactly. With distinct images, log q_N(z_s) >= log q(z_s|x_s) - log N for
+  # every sample, and E_{z ~ q(z|x_s)}[log q_N(z) - log q(z|x_s)] = -KL(q_s || q_N)
+  # <= 0 (below for these seeds).
+  from experiments import evaluate
+  model = ConvDraw(**TINY)
+  x = jax.random.uniform(jax.random.PRNGKey(9), (5, *IMAGE_SHAPE))
+  params = model.init(_key(0), x, _key(1))
+  rng = jax.random.PRNGKey(4)
+  for images in (jnp.broadcast_to(x[:1], x.shape), x):
+    estimate = evaluate._convdraw_marginal_kl(model, params, images, rng, batch_size=2,
+                                              block_size=2)
+    z = jnp.concatenate([
+        model.apply(params, images[s:s + 2], jax.random.fold_in(rng, s),
+                    method=model.trace).latent for s in (0, 2, 4)])
+    path_kl = (model.apply(params, z, images, method=model.log_posterior)
+               - model.apply(params, z, method=model.log_prior))
+    if images is x:
+      assert float(estimate.kl) >= float(jnp.mean(path_kl)) - np.log(5) - 1e-3
+      assert float(estimate.kl) < float(jnp.mean(path_kl)) - 1e-3   # distinct: below
+    else:
+      np.testing.assert_allclose(estimate.kl, jnp.mean(path_kl), rtol=1e-5)
+      np.testing.assert_allclose(estimate.standard_error,
+                                 jnp.std(path_kl, ddof=1) / np.sqrt(5), rtol=1e-4)

@@ -88,6 +88,7 @@ Usage:
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -253,8 +254,8 @@ class ConvLSTMCell(nn.Module):
     """The gates' share (no bias) of the arrays among ``inputs``, to reuse.
 
     ``inputs`` is the full sequence of a later call, with ``_Zeros`` standing
-    for the inputs not precomputed; the result stands for the arrays, which
-    must come first, in that later call.
+    for the inputs not precomputed; the result stands for the arrays (which
+    must be adjacent) at their place in that later call.
     """
     value = self.gates([*inputs, self._zero_hidden(inputs)], use_bias=False)
     return _Gates(value, sum(g.shape[-1] for g in inputs
@@ -306,27 +307,47 @@ class _ConvDrawStep(nn.Module):
     return self.encoder.input_gates(
         (x_read, zeros(self.read_channels), zeros(self.hidden_channels)))
 
+  def prior_params(self, previous_decoder_hidden, context):
+    """(mu^p_t, log s^p_t) from h^dec_{t-1} (a ``_Zeros`` at t = 1)."""
+    return jnp.split(self.prior((previous_decoder_hidden, context)), 2, axis=-1)
+
+  def posterior_params(self, x, x_read, canvas, previous_decoder_hidden, encoder_state,
+                       context):
+    """The encoder's step: (h^enc_t state, mu^q_t, log s^q_t)."""
+    # The encoder sees what the canvas still gets wrong, so later steps
+    # spend their latent on the residual (Gregor et al. 2016).
+    error_read = self.read_error(x - nn.sigmoid(canvas))
+    encoder_state = self.encoder(
+        encoder_state, (x_read, error_read, previous_decoder_hidden))
+    mean, log_std = jnp.split(self.posterior((encoder_state[1], context)), 2, axis=-1)
+    return encoder_state, mean, log_std
+
+  def decode(self, z, decoder_state, canvas, context):
+    """The decoder's step: (h^dec_t state, canvas_t) from z_t."""
+    decoder_state = self.decoder(decoder_state, (z, context))
+    return decoder_state, canvas + self.write(decoder_state[1])
+
+  def encoder_hidden_gates(self, previous_decoder_hidden):
+    """The encoder gates' share of h^dec_{t-1} (``_Zeros`` stays), to reuse."""
+    if isinstance(previous_decoder_hidden, _Zeros):
+      return previous_decoder_hidden
+    zeros = lambda channels: _Zeros(  # noqa: E731
+        (*previous_decoder_hidden.shape[:-1], channels))
+    return self.encoder.input_gates(
+        (zeros(self.read_channels), zeros(self.read_channels), previous_decoder_hidden))
+
   def __call__(self, carry, noise, x, x_read, context):
     encoder_state, decoder_state, canvas = carry
-    if decoder_state is None:
-      previous_decoder_hidden = _Zeros((*noise.shape[:-1], self.hidden_channels))
-    else:
-      previous_decoder_hidden = decoder_state[1]
-    prior_mean, prior_log_std = jnp.split(
-        self.prior((previous_decoder_hidden, context)), 2, axis=-1)
+    previous_decoder_hidden = _previous_hidden(decoder_state, noise.shape[:-1],
+                                               self.hidden_channels)
+    prior_mean, prior_log_std = self.prior_params(previous_decoder_hidden, context)
     if x is None:
       mean, log_std = prior_mean, prior_log_std
     else:
-      # The encoder sees what the canvas still gets wrong, so later steps
-      # spend their latent on the residual (Gregor et al. 2016).
-      error_read = self.read_error(x - nn.sigmoid(canvas))
-      encoder_state = self.encoder(
-          encoder_state, (x_read, error_read, previous_decoder_hidden))
-      mean, log_std = jnp.split(
-          self.posterior((encoder_state[1], context)), 2, axis=-1)
+      encoder_state, mean, log_std = self.posterior_params(
+          x, x_read, canvas, previous_decoder_hidden, encoder_state, context)
     z = mean + jnp.exp(log_std) * noise
-    decoder_state = self.decoder(decoder_state, (z, context))
-    canvas = canvas + self.write(decoder_state[1])
+    decoder_state, canvas = self.decode(z, decoder_state, canvas, context)
     if x is None:
       outputs = {"latent": z}
     else:
@@ -334,6 +355,20 @@ class _ConvDrawStep(nn.Module):
                  "prior_mean": prior_mean, "prior_log_std": prior_log_std,
                  "kl": gaussian_kl(mean, log_std, prior_mean, prior_log_std)}
     return (encoder_state, decoder_state, canvas), outputs
+
+
+def _previous_hidden(decoder_state, spatial_shape, channels):
+  """h^dec_{t-1}: the state's hidden, or ``_Zeros`` for the None state of t = 1."""
+  if decoder_state is None:
+    return _Zeros((*spatial_shape, channels))
+  return decoder_state[1]
+
+
+def _gaussian_log_prob(z, mean, log_std):
+  """log N(z; mean, diag(exp(log_std))^2) summed over every axis but the first."""
+  log_prob = (-0.5 * jnp.square((z - mean) * jnp.exp(-log_std)) - log_std
+              - 0.5 * math.log(2.0 * math.pi))
+  return jnp.sum(log_prob.reshape(log_prob.shape[0], -1), axis=1)
 
 
 class _ConvDrawCore(nn.Module):
@@ -424,6 +459,75 @@ class _ConvDrawCore(nn.Module):
     canvas, _ = self._run_steps(rng, num_samples, None, context_encoding, jnp.float32)
     return nn.sigmoid(canvas)
 
+  # Scoring a given path z_1..T (teacher forcing), for the marginal KL.
+
+  def _check_latent(self, latent, what: str):
+    if self.recurrence != "unrolled":
+      raise ValueError(
+          f"{what} runs the steps one by one; call it on "
+          f"model.clone(recurrence='unrolled'), which has the same parameters "
+          f"(this model's recurrence is {self.recurrence!r}).")
+    height, width = self.image_shape[:2]
+    expected = (self.num_steps, height // 2, width // 2, self.latent_channels)
+    if latent.ndim != 5 or tuple(latent.shape[1:]) != expected:
+      raise ValueError(
+          f"{what}: expected a latent path of shape [batch, {', '.join(map(str, expected))}]"
+          f" (T, H/2, W/2, latent_channels); got {latent.shape}.")
+
+  def _decoder_path(self, latent, context):
+    """Along a given path: h^dec_{t-1} and canvas_{t-1} for every t, and log p(z)."""
+    height, width, channels = self.image_shape
+    canvas = jnp.zeros((latent.shape[0], height, width, channels), latent.dtype)
+    decoder_state, hiddens, canvases, log_prior = None, [], [], 0.0
+    for t in range(self.num_steps):
+      z = latent[:, t]
+      previous = _previous_hidden(decoder_state, z.shape[:-1], self.hidden_channels)
+      mean, log_std = self.step.prior_params(previous, context)
+      log_prior = log_prior + _gaussian_log_prob(z, mean, log_std)
+      hiddens.append(previous)
+      canvases.append(canvas)
+      decoder_state, canvas = self.step.decode(z, decoder_state, canvas, context)
+    return hiddens, canvases, log_prior
+
+  def _path_log_posterior(self, x, latent, context, all_pairs: bool):
+    """log q(z|x) of given paths; [batch] row by row, or [J, B] for all pairs."""
+    self._check_images(x)
+    hiddens, canvases, _ = self._decoder_path(latent, context)
+    x_read = self.read_x(x)
+    if all_pairs:
+      # Pair (j, b) = x_j with path b, flattened j-major; the decoder's path
+      # (which does not depend on x) was run once per b, x's read once per j.
+      num_x, num_z = x.shape[0], latent.shape[0]
+
+      def from_x(a):
+        return jnp.broadcast_to(a[:, None], (num_x, num_z, *a.shape[1:])).reshape(
+            num_x * num_z, *a.shape[1:])
+
+      def from_z(a):
+        if isinstance(a, _Zeros):
+          return _Zeros((num_x * num_z, *a.shape[1:]))
+        if isinstance(a, _Gates):
+          return _Gates(from_z(a.value), a.channels)
+        return jnp.broadcast_to(a[None], (num_x, num_z, *a.shape[1:])).reshape(
+            num_x * num_z, *a.shape[1:])
+
+      # The encoder gates' shares of x's read (per j) and of h^dec_{t-1} (per
+      # b) are convolved before pairing: per pair, only the error read and
+      # h^enc are (about 60% of the gate convolution).
+      gates = self.step.encoder_input_gates(x_read)
+      x_read = _Gates(from_x(gates.value), gates.channels)
+      x, latent = from_x(x), from_z(latent)
+      hiddens = [from_z(self.step.encoder_hidden_gates(h)) for h in hiddens]
+      canvases = [from_z(c) for c in canvases]
+    else:
+      x_read = self.step.encoder_input_gates(x_read)
+    encoder_state, log_posterior = None, 0.0
+    for t in range(self.num_steps):
+      encoder_state, mean, log_std = self.step.posterior_params(
+          x, x_read, canvases[t], hiddens[t], encoder_state, context)
+      log_posterior = log_posterior + _gaussian_log_prob(latent[:, t], mean, log_std)
+    return log_posterior.reshape(num_x, num_z) if all_pairs else log_posterior
+
 
 class ConvDraw(_ConvDrawCore):
   """Unconditional ConvDraw with a learned autoregressive prior.
@@ -465,6 +569,39 @@ class ConvDraw(_ConvDrawCore):
   def sample(self, rng, num_samples: int):
     """sigmoid(canvas_T) for z_t ~ p(z_t | z_<t): means of prior samples."""
     return self._generate(rng, num_samples, None)
+
+  def log_prior(self, latent):
+    """log p(z_1..T) = sum_t log p(z_t | z_<t) of given paths, [batch] (nats).
+
+    ``latent`` is [batch, T, H/2, W/2, latent_channels], e.g. ``trace``'s
+    ``latent``; the decoder is run along it (teacher forcing).
+    """
+    self._check_latent(latent, "log_prior")
+    return self._decoder_path(latent, None)[2]
+
+  def log_posterior(self, latent, x):
+    """log q(z_1..T | x) = sum_t log q(z_t | x, z_<t) of given paths, [batch].
+
+    Path i is scored under x[i]: the decoder runs along z (its states and
+    canvas depend on z alone), the encoder reads x[i] and those states, as
+    when encoding, but z_t is the given one instead of a fresh draw.
+    """
+    self._check_latent(latent, "log_posterior")
+    if latent.shape[0] != x.shape[0]:
+      raise ValueError(f"log_posterior scores path i under x[i]: got {latent.shape[0]} "
+                       f"paths and {x.shape[0]} images (pairwise_log_posterior scores "
+                       "all pairs).")
+    return self._path_log_posterior(x, latent, None, all_pairs=False)
+
+  def pairwise_log_posterior(self, latent, x):
+    """log q(z_b | x_j) for every path b and image j, [num_images, num_paths].
+
+    What the marginal KL's aggregate posterior needs
+    (``geco_jax.metrics.marginal_kl``): the decoder's path is computed once
+    per z_b and the read of x once per x_j, the encoder once per pair.
+    """
+    self._check_latent(latent, "pairwise_log_posterior")
+    return self._path_log_posterior(x, latent, None, all_pairs=True)
 
 
 class ContextEncoder(nn.Module):
