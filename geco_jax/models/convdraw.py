@@ -83,6 +83,11 @@ Usage:
   out = model.apply(params, images, rng)            # VAEOutput
   kl_t = model.apply(params, images, rng, method=model.kl_per_step)   # [batch, T]
   samples = model.apply(params, rng, 16, method=model.sample)
+  # Scoring given paths z_1..T (teacher forcing; for the marginal KL):
+  z = model.apply(params, images, rng, method=model.trace).latent   # [batch, T, h, w, c]
+  log_p = model.apply(params, z, method=model.log_prior)             # [batch]
+  log_q = model.apply(params, z, images, method=model.log_posterior) # [batch]
+  pairs = model.apply(params, z, images, method=model.pairwise_log_posterior)  # [J, B]
 """
 
 from __future__ import annotations
