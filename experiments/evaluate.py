@@ -239,6 +239,25 @@ def _convdraw_marginal_kl(model, params, images, rng, batch_size: int = 64,
   return estimate_fn(latent, log_prior, images)
 
 
+def _settings(checkpoint: str, kwargs) -> dict[str, Any]:
+  return {"checkpoint": checkpoint, **kwargs}
+
+
+def stored_evaluation(workdir: str, step: int, checkpoint: str = "latest",
+                      **kwargs) -> Optional[dict[str, Any]]:
+  """The run's ``eval.json`` if it evaluated checkpoint ``step`` with these
+  settings (``evaluate_run``'s keyword arguments), else None."""
+  suffix = "" if checkpoint == "latest" else f"_{checkpoint}"
+  path = os.path.join(workdir, f"eval{suffix}.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    stored = json.load(f)
+  if stored.get("step") != step or stored.get("settings") != _settings(checkpoint, kwargs):
+    return None
+  return stored
+
+
 def evaluate_run(workdir: str, checkpoint: str = "latest", **kwargs) -> dict[str, Any]:
   """Restore a run's checkpoint and write ``eval.json`` (+ PNG grids) into it."""
   config = load_run_config(workdir)  # first: a wrong workdir fails fast
@@ -266,7 +285,8 @@ def evaluate_run(workdir: str, checkpoint: str = "latest", **kwargs) -> dict[str
   result = evaluate_state(experiment, state, **kwargs)
   result.update({"workdir": str(workdir), "checkpoint": checkpoint, "step": int(step),
                  "objective": config.objective, "model": config.model.name,
-                 "dataset": config.dataset.name})
+                 "dataset": config.dataset.name,
+                 "settings": _settings(checkpoint, kwargs)})
   suffix = "" if checkpoint == "latest" else f"_{checkpoint}"
   for name, grid in experiment.image_grids(state, int(step)).items():
     image = grid[0]

@@ -6,7 +6,9 @@ r"""ELBO, GQN-annealed ELBO and GECO at several tolerances, in the information p
       [--config.num_steps=...]
 
 For one model and dataset (the config), trains into ``workdir/<variant>``
-(or, where a variant's run already finished, collects it):
+(or, where a variant's run already finished, collects it, and its
+``eval.json`` too where that evaluated the same checkpoint with the same
+settings):
 
 - ``elbo``: the Gaussian ELBO with a learned global sigma;
 - ``elbo_annealed``: GQN's schedule, sigma from 2.0 to 0.7 over
@@ -209,7 +211,8 @@ def run(config, workdir: str, tolerances, match_elbo: bool, only=(), **eval_kwar
     run_dir = os.path.join(workdir, name)
     logging.info("Variant %s -> %s", name, run_dir)
     summary = train.train_and_evaluate(variant, run_dir, data=data)
-    evaluation = evaluate.evaluate_run(run_dir, **eval_kwargs)
+    evaluation = (evaluate.stored_evaluation(run_dir, summary.get("step"), **eval_kwargs)
+                  or evaluate.evaluate_run(run_dir, **eval_kwargs))
     rows.append(_row(name, variant, summary, evaluation))
     trajectories[name] = read_scalars(run_dir, ("lambda/re", "constraint_ma/re", "kl",
                                                 "rmse", "sigma"))

@@ -27,6 +27,13 @@ def test_evaluate_writes_the_papers_metrics(tiny_run):
   workdir, _ = tiny_run
   result = evaluate.evaluate_run(str(workdir), num_train=64, num_marginal=32)
   assert json.loads((workdir / "eval.json").read_text()) == result
+  assert result["settings"] == {"checkpoint": "latest", "num_train": 64, "num_marginal": 32}
+  # information_plane reuses it only for the same checkpoint step and settings.
+  assert evaluate.stored_evaluation(str(workdir), 4, num_train=64, num_marginal=32) == result
+  assert evaluate.stored_evaluation(str(workdir), 3, num_train=64, num_marginal=32) is None
+  assert evaluate.stored_evaluation(str(workdir), 4, num_train=64, num_marginal=16) is None
+  assert evaluate.stored_evaluation(str(workdir), 4, "best_feasible", num_train=64,
+                                    num_marginal=32) is None
   for name in ("data", "reconstructions", "prior_samples"):
     assert (workdir / f"eval_{name}.png").exists()
   assert result["step"] == 4 and result["num_train_for_sigma"] == 64
