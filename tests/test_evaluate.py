@@ -102,6 +102,12 @@ def test_information_plane_reads_the_trajectories_and_plots(tiny_run, tmp_path):
   assert row["marginal_kl"] is None and row["marginal_kl_se"] is None
   table = information_plane.markdown_table([row])
   assert table.count("\n") == 3 and "geco_re_0.1" in table
+  infeasible = dict(row, variant="geco_re_0.05", re_satisfied=False)
+  feasible = dict(row, re_satisfied=True)
+  elbo = dict(row, variant="elbo", objective="elbo", re_satisfied=None)
+  assert information_plane.figure3_row([elbo, infeasible, feasible]) is feasible
+  assert information_plane.figure3_row([elbo, infeasible]) is infeasible
+  assert information_plane.figure3_row([elbo]) is None
   information_plane.plot([row], {"geco_re_0.1": series}, str(tmp_path))
   assert (tmp_path / "information_plane.png").exists()
   assert (tmp_path / "figure3.png").exists()
