@@ -39,9 +39,9 @@ from absl import flags
 from experiments import cli
 
 # Held-out examples of the aggregate posterior. ConvDraw scores each of the
-# N^2 pairs with a T-step encoder pass (``_convdraw_marginal_kl``): mnist_cpu,
-# N = 128 took 58 s with its compile on the project's 2-core CPU while a
-# training run shared it, about 300 pairs/s; the time grows as N^2.
+# N^2 pairs with a T-step encoder pass (``_convdraw_marginal_kl``): for a
+# trained mnist_cpu run, N = 500 added about 5.6 minutes to its evaluation on
+# the project's quiet 2-core CPU (about 750 pairs/s); the time grows as N^2.
 DEFAULT_NUM_MARGINAL = 2000
 CONVDRAW_NUM_MARGINAL = 500
 
@@ -54,7 +54,7 @@ NUM_MARGINAL = flags.DEFINE_integer(
     "num_marginal", None,
     "Test examples of the aggregate posterior (marginal KL); 0: no marginal KL. "
     f"Default {DEFAULT_NUM_MARGINAL}, {CONVDRAW_NUM_MARGINAL} for ConvDraw (it scores "
-    "N^2 pairs by teacher forcing, about 300 pairs/s for mnist_cpu on the 2-core "
+    "N^2 pairs by teacher forcing, about 750 pairs/s for mnist_cpu on the 2-core "
     "CPU).", lower_bound=0)
 
 
