@@ -58,6 +58,12 @@ def add_re(config, tolerance: float, lambda_lr: float = 1e-4):
 CPU_CONVOLUTIONS_WITHOUT_YNNPACK = (
     "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce")
 
+# ConvDraw's flags: the above, and 512-bit vectors for XLA's own loops (the
+# LSTMs' elementwise work; the CPU is AVX-512): ConvDraw's JAX / torch ratio
+# 0.87 -> 0.92 in two pairs of benchmark runs (docs/performance.md, lever 22).
+CONVDRAW_CPU_XLA_FLAGS = (
+    CPU_CONVOLUTIONS_WITHOUT_YNNPACK + " --xla_cpu_prefer_vector_width=512")
+
 
 def convdraw(dataset: str, preset_family: str, arg=None, *, source: str = "npz",
              tolerance: float = 0.1, conditional: bool = False):
@@ -66,7 +72,7 @@ def convdraw(dataset: str, preset_family: str, arg=None, *, source: str = "npz",
   config = _common(dataset, source, size)
   config.model.name = "conditional_convdraw" if conditional else "convdraw"
   config.model.preset = f"{preset_family}_{size}"
-  config.xla_flags = CPU_CONVOLUTIONS_WITHOUT_YNNPACK
+  config.xla_flags = CONVDRAW_CPU_XLA_FLAGS
   return add_re(config, tolerance)
 
 

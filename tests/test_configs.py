@@ -45,7 +45,7 @@ def test_convdraw_configs_run_without_ynnpack_convolutions():
 
   for name in CONFIGS:
     config = importlib.import_module(f"configs.{name}").get_config()
-    expected = (paper.CPU_CONVOLUTIONS_WITHOUT_YNNPACK
+    expected = (paper.CONVDRAW_CPU_XLA_FLAGS
                 if config.model.name in ("convdraw", "conditional_convdraw") else "")
     assert config.xla_flags == expected, name
 
@@ -58,7 +58,7 @@ def test_xla_accepts_the_configs_flags():
 
   from configs import paper
 
-  env = dict(os.environ, XLA_FLAGS=paper.CPU_CONVOLUTIONS_WITHOUT_YNNPACK,
+  env = dict(os.environ, XLA_FLAGS=paper.CONVDRAW_CPU_XLA_FLAGS,
              JAX_PLATFORMS="cpu")
   code = ("import jax, jax.numpy as jnp; x = jnp.ones((1, 6, 6, 2));"
           "w = jnp.ones((3, 3, 2, 4));"
