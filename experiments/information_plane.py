@@ -97,7 +97,8 @@ def check_selection(names, tolerances, match_elbo: bool) -> None:
   if unknown:
     raise ValueError(f"unknown variant(s) {', '.join(unknown)}; with these flags the "
                      f"variants are {', '.join(known)}.")
-  if match_elbo and names and "geco_matched" in names and "elbo" not in names:
+  # (an unmatched geco_matched was rejected above as unknown)
+  if "geco_matched" in names and "elbo" not in names:
     raise ValueError("geco_matched takes its target from the elbo run: name elbo in "
                      "--variants too.")
 
