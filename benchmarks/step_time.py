@@ -3,6 +3,14 @@ r"""Training steps per second: geco_jax beside PyTorch twins of the same models.
   pip install -e '.[bench]'           # torch==2.13.0, the CPU build
   python -m benchmarks.step_time --json=step_time.json
 
+On an NVIDIA GPU (JAX with CUDA and a CUDA build of torch; the numbers in
+docs/performance.md came from ``benchmarks/accelerator_run.sh``):
+
+  python -m benchmarks.step_time --size=accelerator --torch_device=cuda \
+      --noconfig_xla_flags --sections=compare,pipeline --json=step_time_gpu.json
+
+(``--noconfig_xla_flags``: the configs' XLA flags are XLA:CPU's.)
+
 Sections (``--sections``, all by default):
 
 compare
@@ -79,6 +87,15 @@ _TORCH_LAYOUTS = flags.DEFINE_list("torch_layouts", ["nchw", "channels_last"],
                                    "torch memory formats to try.")
 _TORCH_THREADS = flags.DEFINE_list("torch_threads", ["max", "1"],
                                    "torch intra-op threads to try ('max' = os.cpu_count()).")
+_TORCH_DEVICE = flags.DEFINE_enum(
+    "torch_device", "cpu", ["cpu", "cuda"],
+    "Where the torch twins run. 'cuda': on the GPU, with TF32 matmuls and convolutions "
+    "(torch.set_float32_matmul_precision('high')), as JAX computes float32 dots and "
+    "convolutions on recent NVIDIA GPUs by default; --torch_threads is then moot.")
+_SIZE = flags.DEFINE_enum(
+    "size", "cpu", ["cpu", "accelerator"],
+    "Size of ConvDraw and VAE+NVP (configs/paper.py): 'cpu' presets or the paper-sized "
+    "'accelerator' ones (batch 64). The conv VAE has one size.")
 _SCALING_STEPS = flags.DEFINE_list("scaling_steps", ["4", "8", "16"], "ConvDraw T values.")
 _SCALING_BATCHES = flags.DEFINE_list("scaling_batches", ["16", "32", "64"],
                                      "ConvDraw batch sizes (at T = 8).")
@@ -173,8 +190,10 @@ def _config(name: str, batch_size: Optional[int] = None, objective: str = "geco"
   from configs import default
   from configs import nvp_mnist
 
-  config = {"conv_vae": default, "convdraw": convdraw_mnist, "vae_nvp": nvp_mnist}[
-      name].get_config()
+  if name == "conv_vae":
+    config = default.get_config()
+  else:
+    config = {"convdraw": convdraw_mnist, "vae_nvp": nvp_mnist}[name].get_config(_SIZE.value)
   if batch_size is not None:
     config.batch_size = batch_size
   config.objective = objective
@@ -301,8 +320,29 @@ def _import_torch():
 
 
 def _torch_threads() -> list[int]:
+  if _TORCH_DEVICE.value == "cuda":  # one configuration: the host threads do not matter
+    return [os.cpu_count()]
   return sorted({os.cpu_count() if t == "max" else int(t) for t in _TORCH_THREADS.value},
                 reverse=True)
+
+
+def _torch_blocking(torch, step: Callable) -> tuple[Callable, Callable]:
+  """``step`` and what to wait on it with, on ``--torch_device``.
+
+  On the GPU torch returns before its kernels have run: the step records a CUDA
+  event after itself and ``block`` waits for that event, which keeps one step in
+  flight ahead of the host as ``_window`` does for JAX.
+  """
+  if _TORCH_DEVICE.value != "cuda":
+    return step, lambda _: None
+
+  def step_with_event():
+    step()
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+  return step_with_event, lambda event: event.synchronize()
 
 
 def torch_runner(torch, config, images, layout: str, threads: int) -> Runner:
@@ -312,9 +352,11 @@ def torch_runner(torch, config, images, layout: str, threads: int) -> Runner:
 
   memory_format = {"nchw": torch.contiguous_format,
                    "channels_last": torch.channels_last}[layout]
+  device = torch.device(_TORCH_DEVICE.value)
   torch.manual_seed(config.seed)
   kwargs = setup.model_kwargs(config, images.shape[1:])
-  model = torch_models.MODELS[config.model.name](**kwargs).to(memory_format=memory_format)
+  model = torch_models.MODELS[config.model.name](**kwargs).to(
+      device=device, memory_format=memory_format)
   re = config.constraints.re
   step = torch_models.GecoStep(
       model, learning_rate=config.optimizer.learning_rate, objective=config.objective,
@@ -323,7 +365,7 @@ def torch_runner(torch, config, images, layout: str, threads: int) -> Runner:
       lambda_min=config.geco.lambda_min, lambda_max=config.geco.lambda_max,
       sigma=config.elbo.sigma)
   x = torch.from_numpy(images[:config.batch_size].transpose(0, 3, 1, 2).copy())
-  x = x.contiguous(memory_format=memory_format)
+  x = x.to(device).contiguous(memory_format=memory_format)
   initial_model = copy.deepcopy(model.state_dict())
   initial_optimizer = copy.deepcopy(step.optimizer.state_dict())
 
@@ -333,7 +375,9 @@ def torch_runner(torch, config, images, layout: str, threads: int) -> Runner:
     step.optimizer.load_state_dict(initial_optimizer)
     step.reset_multiplier()
 
-  return Runner(f"torch {layout}/{threads}t", lambda: step(x), setup=setup_window)
+  step_fn, block = _torch_blocking(torch, lambda: step(x))
+  name = f"torch {layout}/" + ("cuda" if _TORCH_DEVICE.value == "cuda" else f"{threads}t")
+  return Runner(name, step_fn, block, setup=setup_window)
 
 
 def _torch_parameter_count(torch, config, images) -> int:
@@ -441,8 +485,9 @@ def scaling(torch, images, devices, best_torch: Optional[str]) -> dict:
     step = JaxStep(config, images, devices)
     runners = [step.runner("jax")]
     if torch is not None and best_torch:
-      layout, threads = best_torch.split("/")
-      runners.append(torch_runner(torch, config, images, layout, int(threads[:-1])))
+      layout, where = best_torch.split("/")
+      threads = int(where[:-1]) if where.endswith("t") else os.cpu_count()
+      runners.append(torch_runner(torch, config, images, layout, threads))
     _interleave(runners, max(1, _ROUNDS.value // 2 + 1), _SECONDS.value)
     row = {"num_steps": num_steps, "batch_size": batch_size, "jax_compile_s": step.compile_s,
            "jax_steps_per_s": runners[0].median, "flops_per_step": step.flops,
@@ -541,8 +586,10 @@ def _machine(torch) -> dict:
     pass
   return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
           "jax": jax.__version__, "backend": jax.default_backend(),
-          "devices": str(jax.devices()[0]),
+          "devices": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
           "torch": torch.__version__ if torch is not None else None,
+          "torch_device": (torch.cuda.get_device_name() if torch is not None
+                           and _TORCH_DEVICE.value == "cuda" else "cpu"),
           "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
@@ -552,8 +599,9 @@ def _fmt(value, spec=".2f") -> str:
 
 def print_report(results: dict) -> None:
   m = results["machine"]
-  print(f"\n{m['cpu']}, {m['cores']} cores; jax {m['jax']} ({m['backend']}), "
-        f"torch {m['torch']}; XLA_FLAGS={m['xla_flags']!r}")
+  print(f"\n{m['cpu']}, {m['cores']} cores; jax {m['jax']} ({m['backend']}: "
+        f"{m.get('device_kind', '-')}), torch {m['torch']} ({m.get('torch_device', 'cpu')});"
+        f" XLA_FLAGS={m['xla_flags']!r}")
   print(f"load average (1, 5, 15 min): start {results['load_start']}, "
         f"end {results['load_end']}")
   if "compare" in results:
@@ -570,6 +618,9 @@ def print_report(results: dict) -> None:
             f" {e['jax_fraction_of_matmul_peak']:7.1%}"
             f" {_fmt(e.get('torch_fraction_of_matmul_peak'), '.1%'):>7s}"
             f" {e['matmul_flops_per_s'] / 1e9:11.0f}  {e['load_start'][0]} -> {e['load_end'][0]}")
+    if m["backend"] != "cpu":
+      print("  (on a GPU, XLA's cost analysis leaves out library calls such as cuDNN's "
+            "convolutions: GFLOP and %pk undercount; docs/performance.md uses CPU counts)")
     for name, e in results["compare"].items():
       low, high = e["geco_overhead_interquartile"]
       print(f"  {name}: torch " + (", ".join(
@@ -582,7 +633,7 @@ def print_report(results: dict) -> None:
                  f" {e['trainer_extras_overhead']:+.1%})" if "jax_lean_steps_per_s" in e else "")
               + f"; XLA_FLAGS={e.get('xla_flags', '')!r}")
   if "scaling" in results:
-    print("\nConvDraw (mnist_cpu) against T and batch size")
+    print(f"\nConvDraw (mnist_{results['settings']['size']}) against T and batch size")
     print(f"{'T':>3s} {'batch':>5s} {'compile s':>9s} {'JAX':>7s} {'torch':>7s} "
           f"{'JAX/torch':>9s} {'GFLOP':>7s}  load")
     for r in results["scaling"]["rows"]:
@@ -668,10 +719,15 @@ def main(argv):
   torch = _import_torch()
   if torch is not None:
     torch.set_num_threads(os.cpu_count())
+    if _TORCH_DEVICE.value == "cuda":
+      if not torch.cuda.is_available():
+        raise app.UsageError("--torch_device=cuda, but torch sees no CUDA device.")
+      torch.set_float32_matmul_precision("high")  # TF32, as JAX's default on the GPU
   devices = jax.devices()[:1]
   results = {"machine": _machine(torch), "data": source, "load_start": _load(),
              "settings": {"seconds": _SECONDS.value, "rounds": _ROUNDS.value,
-                          "models": _MODELS.value, "sections": _SECTIONS.value}}
+                          "models": _MODELS.value, "sections": _SECTIONS.value,
+                          "size": _SIZE.value, "torch_device": _TORCH_DEVICE.value}}
   sections = _SECTIONS.value
   here = _MODELS.value
   if _CONFIG_XLA_FLAGS.value:
@@ -684,7 +740,8 @@ def main(argv):
   if "scaling" in sections and "scaling" not in results:
     best = results.get("compare", {}).get("convdraw", {}).get("torch_best")
     if best is None and torch is not None:
-      best = f"{_TORCH_LAYOUTS.value[0]}/{_torch_threads()[0]}t"
+      best = f"{_TORCH_LAYOUTS.value[0]}/" + (
+          "cuda" if _TORCH_DEVICE.value == "cuda" else f"{_torch_threads()[0]}t")
     results["scaling"] = scaling(torch, images, devices, best)
   if "pipeline" in sections:
     rates = {k: v["jax_steps_per_s"] for k, v in results.get("compare", {}).items()}

@@ -220,7 +220,7 @@ class ConvDraw(nn.Module):
         memory_format=memory_format)
     if noise is None:
       noise = torch.randn(self.num_steps, batch, self.latent_channels,
-                          height // 2, width // 2, dtype=x.dtype)
+                          height // 2, width // 2, dtype=x.dtype, device=x.device)
     step = self.step
     x_read = self.read_x(x)
     encoder_state, decoder_state = (zeros(), zeros()), (zeros(), zeros())
@@ -378,9 +378,10 @@ class GecoStep:
     self.reset_multiplier()
 
   def reset_multiplier(self):
-    """GECO's state as at the start of training."""
-    self.lagrange_multiplier = torch.tensor(self.lambda_init)
-    self.constraint_ma = torch.tensor(0.0)
+    """GECO's state as at the start of training, on the model's device."""
+    device = next(self.model.parameters()).device
+    self.lagrange_multiplier = torch.tensor(self.lambda_init, device=device)
+    self.constraint_ma = torch.tensor(0.0, device=device)
     self.count = 0
 
   def lagrangian(self, kl, constraint):

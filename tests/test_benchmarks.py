@@ -143,3 +143,27 @@ def test_step_time_cli_writes_the_results(tmp_path):
     assert entry["torch"] == {}
   assert results["pipeline"]["by_model"]["conv_vae"]["ratio_pipeline_to_step"] > 0
   assert "JAX/torch" in done.stdout
+
+
+def test_step_time_size_flag_selects_the_accelerator_presets():
+  script = ("from absl import flags; from benchmarks import step_time; "
+            "flags.FLAGS(['x', '--size=accelerator']); "
+            "print([(step_time._config(n).model.get('preset'), step_time._config(n).batch_size)"
+            " for n in ('conv_vae', 'convdraw', 'vae_nvp')])")
+  done = subprocess.run([sys.executable, "-c", script], cwd=_ROOT, capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.strip() == ("[(None, 64), ('mnist_accelerator', 64), "
+                                 "('accelerator', 64)]")
+
+
+def test_step_time_on_cuda_without_a_gpu_is_one_clear_error():
+  torch = pytest.importorskip("torch")
+  if torch.cuda.is_available():
+    pytest.skip("this machine has a CUDA device")
+  done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.step_time", "--torch_device=cuda", "--torch=on",
+       "--json="], cwd=_ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode != 0
+  assert done.stderr.strip().splitlines()[-1] == (
+      "--torch_device=cuda, but torch sees no CUDA device.")
