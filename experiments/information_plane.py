@@ -104,20 +104,25 @@ def check_selection(names, tolerances, match_elbo: bool) -> None:
 
 
 def read_scalars(workdir: str, tags) -> dict[str, list[tuple[int, float]]]:
-  """(step, value) series of ``tags`` from a run's TensorBoard event files."""
+  """(step, value) series of ``tags`` from a run's TensorBoard event files.
+
+  Reads tensor summaries (clu's TensorFlow writer) and scalar summaries (its
+  torch writer, ``experiments.no_tensorflow``) alike.
+  """
   from tensorboard.backend.event_processing import event_accumulator
   from tensorboard.util import tensor_util
 
   accumulator = event_accumulator.EventAccumulator(
-      workdir, size_guidance={event_accumulator.TENSORS: 0})
+      workdir, size_guidance={event_accumulator.TENSORS: 0, event_accumulator.SCALARS: 0})
   accumulator.Reload()
-  available = set(accumulator.Tags()["tensors"])
+  available = accumulator.Tags()
   series = {}
   for tag in tags:
-    if tag in available:
-      events = accumulator.Tensors(tag)
+    if tag in available["tensors"]:
       series[tag] = sorted({e.step: float(tensor_util.make_ndarray(e.tensor_proto))
-                            for e in events}.items())
+                            for e in accumulator.Tensors(tag)}.items())
+    elif tag in available["scalars"]:
+      series[tag] = sorted({e.step: float(e.value) for e in accumulator.Scalars(tag)}.items())
   return series
 
 
