@@ -129,6 +129,29 @@ def test_a_non_finite_step_is_skipped_and_the_state_unchanged():
   assert int(train.to_host(state.nonfinite_steps)) == 1
 
 
+def test_fetched_metrics_are_each_steps_values_and_average_over_applied_updates():
+  mesh_sharding = jax.sharding.NamedSharding(train.make_mesh(), jax.sharding.PartitionSpec())
+  rng = np.random.default_rng(0)
+  steps = []
+  for i in range(150):  # three chunks of 64, the last one padded
+    finite = float(i not in (20, 149))
+    values = {"loss": rng.normal(), "lambda/re": 1.0 + i, "finite": finite,
+              "nonfinite_steps": float(i >= 20) + float(i >= 149),
+              "nonfinite_streak": float(i in (20, 149))}
+    steps.append({k: jax.device_put(jnp.float32(v), mesh_sharding) for k, v in values.items()})
+  fetched = train.fetch_metrics(steps)
+  expected = {k: np.array([float(s[k]) for s in steps], np.float32) for k in steps[0]}
+  assert set(fetched) == set(expected)
+  for key, values in expected.items():
+    np.testing.assert_array_equal(fetched[key], values)
+  summary = train._host_metrics(fetched)
+  applied = [i for i in range(150) if i not in (20, 149)]
+  assert summary["loss"] == pytest.approx(np.mean(expected["loss"][applied]), rel=1e-6)
+  assert summary["lambda/re"] == 149.0         # the last applied update's, not a mean
+  assert summary["nonfinite_steps"] == 2.0 and summary["nonfinite_streak"] == 1.0
+  assert "finite" not in summary
+
+
 def test_too_many_non_finite_steps_in_a_row_stop_the_run_and_keep_the_checkpoint(
     tmp_path, monkeypatch):
   make_loss_fn = setup.make_loss_fn
