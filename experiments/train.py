@@ -482,6 +482,24 @@ def _host_metrics(fetched: dict[str, np.ndarray]) -> dict[str, float]:
   return out
 
 
+def _warn_at_lambda_max(metrics: dict[str, float], lambda_max, step: int,
+                        warned: set) -> None:
+  """Logs, once per constraint, that its multiplier sits at ``geco.lambda_max``."""
+  if lambda_max is None:
+    return
+  for key, value in metrics.items():
+    name = key[len("lambda/"):]
+    if key.startswith("lambda/") and name not in warned and value >= lambda_max * (1 - 1e-5):
+      warned.add(name)
+      logging.warning(
+          "Step %d: the multiplier of constraint %r reached geco.lambda_max = %g and is "
+          "clamped there (its moving average C_ma = %.4g; > 0 means violated). A large "
+          "multiplier learning rate does this within a few hundred steps when the "
+          "constraint starts far from its target; try a smaller lambda_lr (geco.lambda_lr "
+          "or constraints.%s.lambda_lr) if it should not.", step, name, lambda_max,
+          metrics.get(f"constraint_ma/{name}", float("nan")), name)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices=None, data: Optional[dict] = None) -> dict[str, Any]:
   """Train, log and checkpoint into ``workdir``; return the final summary.
@@ -523,6 +541,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       num_train_steps=config.num_steps, writer=writer, every_steps=config.log_every)
 
   pending: list = []
+  at_lambda_max: set = set()
   last_metrics: dict[str, float] = {}
   last_finite: dict[str, float] = {}
   eval_metrics: dict[str, float] = {}
@@ -558,6 +577,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 "Try a smaller optimizer.learning_rate or geco.lambda_lr, or set "
                 "geco.lambda_max.")
           writer.write_scalars(step, last_metrics)
+          if experiment.uses_geco:
+            _warn_at_lambda_max(last_metrics, config.geco.lambda_max, step, at_lambda_max)
         if step % config.image_every == 0 or last:
           writer.write_images(step, experiment.image_grids(state, step))
         if checkpoint_now:

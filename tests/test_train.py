@@ -177,6 +177,23 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run_and_keep_the_checkpoint
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state))
 
 
+def test_a_multiplier_at_lambda_max_is_warned_about_once(tmp_path, monkeypatch):
+  warnings = []
+  monkeypatch.setattr(train.logging, "warning", lambda *args: warnings.append(args))
+  config = tiny_config(num_steps=6, **{"geco.lambda_max": 1.5, "geco.lambda_lr": 0.1})
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert summary["lambda"]["re"] == pytest.approx(1.5)
+  at_max = [w for w in warnings if "lambda_max" in w[0]]
+  assert len(at_max) == 1                       # logged at steps 2, 4, 6: warned once
+  message = at_max[0][0] % at_max[0][1:]
+  assert message.startswith("Step 2: the multiplier of constraint 're' reached "
+                            "geco.lambda_max = 1.5")
+  assert "constraints.re.lambda_lr" in message
+  warnings.clear()   # the default bound is not reached: no warning
+  train.train_and_evaluate(tiny_config(num_steps=4), str(tmp_path / "quiet"))
+  assert not [w for w in warnings if "lambda_max" in w[0]]
+
+
 @pytest.mark.parametrize("objective, learn", [("elbo", False), ("elbo", True),
                                               ("elbo_annealed", False)])
 def test_elbo_baselines_train_and_report_sigma(tmp_path, objective, learn):
