@@ -51,6 +51,7 @@ def main(argv):
 
   try:
     setup.validate_config(config)
+    setup.check_workdir_matches(config, cli.WORKDIR.value)
   except setup.ConfigError as e:
     cli.fail(str(e))
   cli.quiet_library_logs()

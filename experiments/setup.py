@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
+import pathlib
 from typing import Any, Callable
 
 import jax
@@ -334,6 +336,45 @@ def check_data(config: ml_collections.ConfigDict, data: dict) -> None:
     require(tuple(train["image"].shape[1:]) == expected,
             f"config.constraints.{name}.classifier takes {expected} images; "
             f"{config.dataset.name} has {tuple(train['image'].shape[1:])}.")
+
+
+# Workdir ------------------------------------------------------------------- #
+
+def _run_identity(config: dict) -> dict[str, Any]:
+  """What a run's checkpoints are tied to: the fields that shape its state."""
+  return {"model": config.get("model"),
+          "dataset.name": (config.get("dataset") or {}).get("name"),
+          "dataset.image_size": (config.get("dataset") or {}).get("image_size"),
+          "objective": config.get("objective"),
+          "elbo.learn_sigma": (config.get("elbo") or {}).get("learn_sigma"),
+          "constraints": sorted(config.get("constraints") or {})}
+
+
+def check_workdir_matches(config: ml_collections.ConfigDict, workdir) -> None:
+  """Refuses a workdir whose checkpoints belong to a run of another model.
+
+  A resumed run may change anything else (its length, logging, learning rates,
+  tolerances); a different model, dataset, objective or set of constraints
+  would not restore its checkpoints, which would then be moved aside as
+  broken, and its config.json overwritten.
+
+  Raises:
+    ConfigError: naming each differing field.
+  """
+  workdir = pathlib.Path(workdir)
+  stored_path = workdir / "config.json"
+  checkpoints = workdir / "checkpoints"
+  if not stored_path.exists() or not checkpoints.exists() or not any(
+      p.name.isdigit() for p in checkpoints.iterdir()):
+    return
+  stored = _run_identity(json.loads(stored_path.read_text()))
+  wanted = _run_identity(json.loads(config.to_json_best_effort()))
+  differ = [f"{key}: {stored[key]} there, {wanted[key]} here" for key in stored
+            if stored[key] != wanted[key]]
+  if differ:
+    raise ConfigError(
+        f"{workdir} holds checkpoints of another run ({'; '.join(differ)}); they would not "
+        "restore into this config. Use another --workdir, or move that run away.")
 
 
 # Model --------------------------------------------------------------------- #

@@ -509,15 +509,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ``devices`` those of the mesh (default: all).
 
   Raises:
-    setup.ConfigError: a config or dataset problem (before anything compiles).
+    setup.ConfigError: a config or dataset problem, or a workdir that holds
+      another model's run (before anything compiles).
     FloatingPointError: ``max_consecutive_nonfinite`` skipped updates in a row.
   """
   setup.validate_config(config)
   started = time.time()
+  workdir = epath.Path(os.path.abspath(workdir))  # orbax needs absolute paths
+  setup.check_workdir_matches(config, workdir)
   if data is None:
     data = setup.make_dataset(config)
   experiment = Experiment(config, data, devices)
-  workdir = epath.Path(os.path.abspath(workdir))  # orbax needs absolute paths
   workdir.mkdir(parents=True, exist_ok=True)
 
   state = experiment.initial_state()

@@ -124,6 +124,17 @@ def test_short_run_logs_checkpoints_and_resumes(tmp_path):
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
                 if p.name.isdigit())[-1] == 40
 
+  # Another model in the same workdir: one line, exit 2, the run left as it was.
+  stored = (workdir / "config.json").read_text()
+  other = _run("--config", "configs/default.py", "--workdir", str(workdir), *SHORT[1:],
+               "--config.num_steps=60", "--config.model.hidden_size=32")
+  assert other.returncode == 2, other.stderr[-3000:]
+  lines = other.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and "hidden_size" in lines[0]
+  assert "holds checkpoints of another run" in lines[0]
+  assert (workdir / "config.json").read_text() == stored
+  assert not (workdir / "corrupt_checkpoints").exists()
+
 
 @pytest.mark.slow
 def test_default_experiment_meets_its_constraint(tmp_path):

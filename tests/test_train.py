@@ -71,6 +71,24 @@ def test_resuming_gives_the_same_run_as_training_straight(tmp_path, monkeypatch)
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
 
 
+def test_a_workdir_of_another_model_is_refused_and_left_as_it_was(tmp_path):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(num_steps=4), str(workdir))
+  stored = (workdir / "config.json").read_text()
+  steps = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  other = tiny_config(num_steps=8, **{"model.latent_size": 8})
+  with pytest.raises(setup.ConfigError, match=r"holds checkpoints of another run \(model: "
+                     r".*'latent_size': 4.* there, .*'latent_size': 8.* here\)"):
+    train.train_and_evaluate(other, str(workdir))
+  assert (workdir / "config.json").read_text() == stored
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps
+  assert not (workdir / "corrupt_checkpoints").exists()
+  # Anything else may change when a run is resumed: here its length and lambda_lr.
+  resumed = train.train_and_evaluate(
+      tiny_config(num_steps=6, **{"geco.lambda_lr": 1e-2}), str(workdir))
+  assert resumed["step"] == 6
+
+
 def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_previous_one_used(
     tmp_path, capfd):
   workdir = tmp_path / "run"
