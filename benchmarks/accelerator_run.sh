@@ -18,7 +18,8 @@
 # /tmp/site, and everything runs through experiments.no_tensorflow. MNIST is read from
 # $GECO_DATA_DIR (default gdata/, a git-ignored link to ../shared/data that travels as a
 # copy). Each stage is bounded by `timeout`; their logs are under $OUT. TOTAL_S (500) bounds
-# the whole; SKIP_BENCH=1 runs Figure 5 alone, FIG5_STEPS fixes its length.
+# the whole; SKIP_BENCH=1 runs Figure 5 alone, FIG5_STEPS fixes its length, FIG5_ARGS adds
+# flags to its runs (e.g. FIG5_ARGS=--config.data_on_device=True: batches gathered on the GPU).
 set -u
 OUT=${OUT:-runs/accelerator}
 FIG5_TRAIN_S=${FIG5_TRAIN_S:-90}
@@ -75,7 +76,7 @@ timeout -k 15 "$LEFT" $RUN experiments.information_plane \
     --tolerances= --match_elbo --variants=elbo,geco_matched --config.num_steps="$STEPS" \
     --config.checkpoint_every=$((STEPS / 4)) --config.eval_every="$STEPS" \
     --config.log_every=1000 --config.image_every="$STEPS" \
-    --config.max_checkpoints_to_keep=1 > "$OUT/fig5.log" 2>&1
+    --config.max_checkpoints_to_keep=1 ${FIG5_ARGS:-} > "$OUT/fig5.log" 2>&1
 echo "exit $?"; quiet < "$OUT/fig5.log" | tail -8
 tar czf "$OUT/fig5.tar.gz" -C "$TMP" --exclude=checkpoints --exclude='fig5/*/best_feasible' fig5
 tar czf "$OUT/fig5_checkpoints.tar.gz" -C "$TMP" fig5/elbo/checkpoints fig5/geco_matched/checkpoints

@@ -7,7 +7,9 @@ Measures, in one process on the same machine:
   MNIST-shaped data (60000 x 28 x 28 x 1 float32; the real MNIST when
   GECO_DATA_DIR holds mnist.npz, random data of that shape otherwise, which
   costs the same to index),
-- batches/s through ``Prefetcher`` (what the trainer consumes),
+- batches/s through ``Prefetcher`` (what the trainer consumes by default),
+- batches/s of ``DeviceEpochBatcher`` (the same batches gathered on the
+  device from a copy held there: ``config.data_on_device``), each waited for,
 - steps/s of the default experiment's conv VAE GECO step on the same batches,
 - steps/s of a ConvDraw GECO step (``mnist_cpu`` preset) on the same batches,
 and prints the ratios pipeline / step (the goal is >= 10 against ConvDraw).
@@ -84,12 +86,20 @@ def mnist_shaped_images():
           "random data of MNIST's shape")
 
 
-def pipeline_rates(images, batch_size: int, seconds: float, transform=None) -> dict:
-  """Batches/s of ``EpochBatcher.batch_at`` and of the ``Prefetcher`` over it.
+def pipeline_rates(images, batch_size: int, seconds: float, transform=None,
+                   sharding=None) -> dict:
+  """Batches/s of ``EpochBatcher.batch_at``, of the ``Prefetcher`` over it and
+  of ``DeviceEpochBatcher``.
 
   ``transform`` is applied by the prefetcher's thread, as the trainer applies
-  ``Experiment.device_batch`` (host -> device copy) there.
+  ``Experiment.device_batch`` (host -> device copy) there. The device batcher
+  lays its batches out with ``sharding`` (None: the default device) and each
+  batch is waited for, so its rate includes a gather's latency, not only its
+  throughput (the trainer does not wait).
   """
+  import jax
+
+  from geco_jax.data import DeviceEpochBatcher
   from geco_jax.data import EpochBatcher
   from geco_jax.data import Prefetcher
 
@@ -101,7 +111,12 @@ def pipeline_rates(images, batch_size: int, seconds: float, transform=None) -> d
     prefetch_rate = _rate(lambda: next(prefetched), seconds)
   finally:
     prefetched.close()
-  return {"batcher_batches_per_s": batch_rate, "prefetcher_batches_per_s": prefetch_rate}
+  on_device = DeviceEpochBatcher(batcher, sharding)
+  step_counter = iter(range(10**9))
+  device_rate = _rate(
+      lambda: jax.block_until_ready(on_device.batch_at(next(step_counter))), seconds)
+  return {"batcher_batches_per_s": batch_rate, "prefetcher_batches_per_s": prefetch_rate,
+          "device_batches_per_s": device_rate}
 
 
 def main(argv):
@@ -115,6 +130,7 @@ def main(argv):
   rates = pipeline_rates(images, FLAGS.batch_size, FLAGS.seconds)
   batch_rate = rates["batcher_batches_per_s"]
   prefetch_rate = rates["prefetcher_batches_per_s"]
+  device_rate = rates["device_batches_per_s"]
 
   config = default.get_config()
   config.batch_size = FLAGS.batch_size
@@ -125,10 +141,12 @@ def main(argv):
   results = {
       "data": source, "batch_size": FLAGS.batch_size, "backend": jax.default_backend(),
       "batcher_batches_per_s": batch_rate, "prefetcher_batches_per_s": prefetch_rate,
+      "device_batches_per_s": device_rate,
       "conv_vae_geco_steps_per_s": step_rate,
       "convdraw_mnist_cpu_geco_steps_per_s": convdraw_rate,
       "ratio_pipeline_to_conv_vae_step": prefetch_rate / step_rate,
       "ratio_pipeline_to_convdraw_step": prefetch_rate / convdraw_rate,
+      "ratio_device_batches_to_conv_vae_step": device_rate / step_rate,
   }
   for key, value in results.items():
     print(f"{key:36s} {value:.1f}" if isinstance(value, float) else f"{key:36s} {value}")

@@ -36,8 +36,10 @@ scaling
   configuration of ``compare``.
 pipeline
   Batches/s of the input pipeline (``EpochBatcher`` and the ``Prefetcher``
-  with the host -> device copy, as the trainer runs it) at each model's batch
-  size, against that model's step.
+  with the host -> device copy, as the trainer runs it by default; and
+  ``DeviceEpochBatcher``, the gather from a copy on the device that
+  ``config.data_on_device`` selects) at each model's batch size, against that
+  model's step.
 data_parallel
   Steps/s of ``--dp_model`` at its global batch over 1, 2, 4, 8 forced host
   devices (a subprocess with ``--xla_force_host_platform_device_count``). On
@@ -523,17 +525,21 @@ def pipeline(images, devices, step_rates: dict) -> dict:
     batch_size = _config(name).batch_size
     if batch_size not in by_batch:
       by_batch[batch_size] = input_pipeline.pipeline_rates(
-          images, batch_size, _SECONDS.value, transform=device_batch)
+          images, batch_size, _SECONDS.value, transform=device_batch, sharding=sharding)
     rates = by_batch[batch_size]
     entry = {"batch_size": batch_size, **rates}
     if name in step_rates:
       entry["jax_steps_per_s"] = step_rates[name]
       entry["ratio_pipeline_to_step"] = rates["prefetcher_batches_per_s"] / step_rates[name]
+      entry["ratio_device_batches_to_step"] = (rates["device_batches_per_s"]
+                                               / step_rates[name])
     out["by_model"][name] = entry
   if step_rates:
     fastest = max(step_rates, key=step_rates.get)
     out["fastest_step"] = fastest
     out["ratio_pipeline_to_fastest_step"] = out["by_model"][fastest]["ratio_pipeline_to_step"]
+    out["ratio_device_batches_to_fastest_step"] = (
+        out["by_model"][fastest]["ratio_device_batches_to_step"])
   out.update({"load_start": load_start, "load_end": _load()})
   return out
 
@@ -647,8 +653,10 @@ def print_report(results: dict) -> None:
     for name, e in p["by_model"].items():
       print(f"{name:9s} batch {e['batch_size']:3d}: batcher {e['batcher_batches_per_s']:.0f},"
             f" prefetcher+device copy {e['prefetcher_batches_per_s']:.0f},"
+            f" on-device gather {e['device_batches_per_s']:.0f},"
             f" step {_fmt(e.get('jax_steps_per_s'))}, ratio"
-            f" {_fmt(e.get('ratio_pipeline_to_step'), '.0f')}x")
+            f" {_fmt(e.get('ratio_pipeline_to_step'), '.0f')}x"
+            f" ({_fmt(e.get('ratio_device_batches_to_step'), '.0f')}x on device)")
   if "data_parallel" in results:
     d = results["data_parallel"]
     print(f"\nData parallel: {d['model']}, global batch {d['global_batch_size']},"

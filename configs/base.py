@@ -67,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_checkpoints_to_keep = 3
   config.max_consecutive_nonfinite = 10  # skipped updates in a row before stopping
   config.distributed = False            # jax.distributed.initialize() (multi-host)
+  # Training batches gathered on the device(s) from a copy of the training set
+  # held there (geco_jax.data.DeviceEpochBatcher; one process only), instead of
+  # host batches copied over by a thread: the same batches, no per-step copy.
+  config.data_on_device = False
   # XLA flags this experiment runs with, added to $XLA_FLAGS by the entry
   # points before JAX starts (e.g. ConvDraw's CPU convolutions: configs/paper.py).
   config.xla_flags = ""

@@ -149,6 +149,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _positive_int(config, "eval_num_examples")
   require(isinstance(config.distributed, bool),
           f"config.distributed must be True or False; got {config.distributed!r}.")
+  require(isinstance(config.data_on_device, bool),
+          f"config.data_on_device must be True or False; got {config.data_on_device!r}.")
+  require(not (config.data_on_device and config.distributed),
+          "config.data_on_device serves one process; with config.distributed each "
+          "process reads its part of the batch on the host: set one of them to False.")
   require(isinstance(config.xla_flags, str)
           and all(f.startswith("--xla_") for f in config.xla_flags.split()),
           "config.xla_flags must be a string of --xla_... flags separated by spaces; "

@@ -65,6 +65,7 @@ from jax.sharding import PartitionSpec
 import geco_jax
 from experiments import setup
 from geco_jax.constraints import per_pixel_rmse
+from geco_jax.data import DeviceEpochBatcher
 from geco_jax.data import EpochBatcher
 from geco_jax.data import Prefetcher
 
@@ -248,6 +249,8 @@ class Experiment:
     self.train_batches = EpochBatcher(
         data["train"], config.batch_size, seed=config.seed,
         shard_index=jax.process_index(), num_shards=jax.process_count())
+    self.device_batches = (DeviceEpochBatcher(self.train_batches, self.batch_sharding)
+                           if config.data_on_device else None)
     self.step_fn = jax.jit(
         functools.partial(train_step, model=self.model, tx=self.tx, loss_fn=loss_fn,
                           uses_geco=self.uses_geco),
@@ -268,7 +271,20 @@ class Experiment:
 
   def batch_at(self, step: int) -> dict:
     """The training batch of global step ``step`` (0-based), on the devices."""
+    if self.device_batches is not None:
+      return self.device_batches.batch_at(step)
     return self.device_batch(self.train_batches.batch_at(step))
+
+  def train_batch_stream(self, start_step: int):
+    """The batches of steps ``start_step``, ``start_step + 1``, ... for the loop.
+
+    Gathered on the devices (``config.data_on_device``) or prepared on the
+    host by a ``Prefetcher`` thread, which copies them over; ``close()`` it.
+    """
+    if self.device_batches is not None:
+      return self.device_batches.iterate(start_step)
+    return Prefetcher(self.train_batches.iterate(start_step=start_step),
+                      buffer_size=2, transform=self.device_batch)
 
   # Evaluation ------------------------------------------------------------ #
 
@@ -548,8 +564,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   last_finite: dict[str, float] = {}
   eval_metrics: dict[str, float] = {}
   step = first_step
-  batches = Prefetcher(experiment.train_batches.iterate(start_step=first_step),
-                       buffer_size=2, transform=experiment.device_batch)
+  batches = experiment.train_batch_stream(first_step)
   with _StopRequest() as stop:
     try:
       for step in range(first_step + 1, config.num_steps + 1):

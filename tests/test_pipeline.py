@@ -1,10 +1,13 @@
-"""Tests of geco_jax.data.pipeline.EpochBatcher: determinism, resumption, coverage."""
+"""Tests of geco_jax.data.pipeline: EpochBatcher (determinism, resumption,
+coverage), DeviceEpochBatcher, Prefetcher."""
 
 import itertools
 
+import jax
 import numpy as np
 import pytest
 
+from geco_jax.data import DeviceEpochBatcher
 from geco_jax.data import EpochBatcher
 from geco_jax.data import Prefetcher
 from geco_jax.data import split_for_devices
@@ -259,3 +262,48 @@ def test_prefetcher_close_stops_an_endless_iterator():
   assert not prefetched._thread.is_alive()
   with pytest.raises(StopIteration):
     next(prefetched)
+
+
+# DeviceEpochBatcher: the same stream, gathered on the devices. ------------- #
+
+@pytest.mark.parametrize("drop_remainder", [True, False])
+def test_device_batcher_serves_the_host_stream(drop_remainder):
+  batcher = EpochBatcher(_arrays(), 32, seed=3, drop_remainder=drop_remainder)
+  on_device = DeviceEpochBatcher(batcher)
+  # Three epochs (a new order each), the partial last batch when kept, and a
+  # step visited again after a later epoch (the order is re-copied).
+  steps = list(range(3 * batcher.steps_per_epoch)) + [1]
+  for step in steps:
+    batch = on_device.batch_at(step)
+    assert isinstance(batch["image"], jax.Array)
+    _assert_batches_equal({k: np.asarray(v) for k, v in batch.items()},
+                          batcher.batch_at(step))
+  if not drop_remainder:
+    assert on_device.batch_at(3)["index"].shape == (100 % 32,)
+  first = list(itertools.islice(on_device.iterate(start_step=2), 3))
+  for step, batch in zip(range(2, 5), first):
+    np.testing.assert_array_equal(np.asarray(batch["index"]),
+                                  batcher.batch_at(step)["index"])
+
+
+def test_device_batcher_splits_batches_over_a_mesh():
+  devices = jax.devices()[:4]
+  assert len(devices) == 4, "conftest forces 8 host devices"
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  batcher = EpochBatcher(_arrays(), 32, seed=0)
+  batch = DeviceEpochBatcher(batcher, sharding).batch_at(5)
+  assert batch["image"].sharding.is_equivalent_to(sharding, batch["image"].ndim)
+  assert {shard.data.shape for shard in batch["image"].addressable_shards} == {(8, 2, 3)}
+  np.testing.assert_array_equal(np.asarray(batch["image"]), batcher.batch_at(5)["image"])
+
+
+def test_device_batcher_errors():
+  with pytest.raises(TypeError, match="needs an EpochBatcher"):
+    DeviceEpochBatcher(_arrays())
+  with pytest.raises(ValueError, match="single process.*shard 1 of 2"):
+    DeviceEpochBatcher(EpochBatcher(_arrays(), 32, seed=0, shard_index=1, num_shards=2))
+  with pytest.raises(TypeError, match="NamedSharding"):
+    DeviceEpochBatcher(EpochBatcher(_arrays(), 32, seed=0), jax.devices()[0])
+  with pytest.raises(ValueError, match="step"):
+    DeviceEpochBatcher(EpochBatcher(_arrays(), 32, seed=0)).batch_at(-1)

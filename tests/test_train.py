@@ -60,15 +60,48 @@ def restore_state(workdir, step=None):
 
 
 def test_resuming_gives_the_same_run_as_training_straight(tmp_path, monkeypatch):
+  # 48 examples in batches of 16: 8 steps are almost three epochs. The resumed
+  # half gathers its batches on the device (config.data_on_device), the rest
+  # use the host pipeline: the same stream either way.
   monkeypatch.chdir(tmp_path)  # relative workdirs, as on the command line
-  straight = train.train_and_evaluate(tiny_config(num_steps=8), "a")
-  train.train_and_evaluate(tiny_config(num_steps=4), "b")
-  resumed = train.train_and_evaluate(tiny_config(num_steps=8), "b")
+  short = {"dataset.num_train": 48}
+  straight = train.train_and_evaluate(tiny_config(num_steps=8, **short), "a")
+  train.train_and_evaluate(tiny_config(num_steps=4, **short), "b")
+  resumed = train.train_and_evaluate(
+      tiny_config(num_steps=8, data_on_device=True, **short), "b")
   assert straight["step"] == resumed["step"] == 8
   a, b = restore_state(tmp_path / "a"), restore_state(tmp_path / "b")
   np.testing.assert_allclose(straight["lambda"]["re"], resumed["lambda"]["re"], rtol=1e-6)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+def test_batches_gathered_on_the_device_are_the_host_batches():
+  # 256 examples in batches of 16: step 15 is the last of the first epoch.
+  data = setup.make_dataset(tiny_config())
+  experiments = [train.Experiment(tiny_config(data_on_device=flag), data)
+                 for flag in (False, True)]
+  np.testing.assert_array_equal(np.asarray(experiments[0].batch_at(3)["image"]),
+                                np.asarray(experiments[1].batch_at(3)["image"]))
+  streams = [experiment.train_batch_stream(15) for experiment in experiments]
+  try:
+    for _ in range(2):
+      x, y = (next(stream) for stream in streams)
+      np.testing.assert_array_equal(np.asarray(x["image"]), np.asarray(y["image"]))
+      assert y["image"].sharding == experiments[1].batch_sharding
+  finally:
+    for stream in streams:
+      stream.close()
+
+
+def test_data_on_device_is_validated():
+  config = tiny_config()
+  with config.ignore_type():
+    config.data_on_device = "yes"
+  with pytest.raises(setup.ConfigError, match="data_on_device must be True or False"):
+    setup.validate_config(config)
+  with pytest.raises(setup.ConfigError, match="serves one process"):
+    setup.validate_config(tiny_config(data_on_device=True, distributed=True))
 
 
 def test_a_workdir_of_another_model_is_refused_and_left_as_it_was(tmp_path):
@@ -207,9 +240,10 @@ def test_a_multiplier_at_lambda_max_is_warned_about_once(tmp_path, monkeypatch):
   assert message.startswith("Step 2: the multiplier of constraint 're' reached "
                             "geco.lambda_max = 1.5")
   assert "constraints.re.lambda_lr" in message
-  warnings.clear()   # the default bound is not reached: no warning
-  train.train_and_evaluate(tiny_config(num_steps=4), str(tmp_path / "quiet"))
-  assert not [w for w in warnings if "lambda_max" in w[0]]
+  warnings.clear()   # below the bound, or no bound: no warning
+  train._warn_at_lambda_max({"lambda/re": 1.49, "constraint_ma/re": 0.1}, 1.5, 8, set())
+  train._warn_at_lambda_max({"lambda/re": 1e10}, None, 8, set())
+  assert not warnings
 
 
 @pytest.mark.parametrize("objective, learn", [("elbo", False), ("elbo", True),

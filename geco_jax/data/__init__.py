@@ -3,7 +3,8 @@
 ``load_dataset(name, source=...)`` returns ``{'train': {...}, 'test': {...}}``
 of NumPy arrays (images float32 in [0, 1], NHWC) for every dataset of the
 paper (see ``registry``). ``EpochBatcher`` cuts a split into deterministic,
-resumable, shardable mini-batches; ``Prefetcher`` prepares them in a
+resumable, shardable mini-batches; ``DeviceEpochBatcher`` serves them from a
+copy on the device(s); ``Prefetcher`` prepares them in a
 background thread; ``split_for_devices`` reshapes a batch for ``pmap``.
 """
 
@@ -17,6 +18,7 @@ from geco_jax.data.derived import rotate_images
 from geco_jax.data.mixtures import mixture_of_circles
 from geco_jax.data.mixtures import mixture_of_gaussians
 from geco_jax.data.mixtures import mixture_of_lines
+from geco_jax.data.pipeline import DeviceEpochBatcher
 from geco_jax.data.pipeline import EpochBatcher
 from geco_jax.data.pipeline import Prefetcher
 from geco_jax.data.pipeline import split_for_devices
@@ -32,6 +34,7 @@ from geco_jax.data.sprites import sprites_dataset
 __all__ = [
     "DATASET_SOURCES",
     "DatasetNotFoundError",
+    "DeviceEpochBatcher",
     "EpochBatcher",
     "Prefetcher",
     "SHAPES",
