@@ -49,9 +49,13 @@ def test_evaluate_writes_the_papers_metrics(tiny_run):
   assert (result["average_kl"] - math.log(32) - 1.0 <= result["marginal_kl"]["kl"]
           <= result["average_kl"] + 1.0)
   assert set(result["constraints"]) == {"re"}
-  # RE in its own units: ||x - g||^2 - D kappa^2 per example, mean over the split.
+  # RE in its own units: ||x - g||^2 - D kappa^2 per example, mean over the split,
+  # i.e. D (root_mse^2 - kappa^2) exactly (the same z per example); the mean of
+  # per-example RMSEs is at most root_mse (Jensen).
+  assert result["mse"] == pytest.approx(result["root_mse"] ** 2)
   assert result["constraints"]["re"] == pytest.approx(
-      256 * (result["rmse"] ** 2) - 256 * 0.1 ** 2, rel=0.5)
+      256 * (result["mse"] - 0.1 ** 2), rel=1e-4, abs=1e-4)
+  assert result["rmse"] <= result["root_mse"] * (1 + 1e-6)
 
 
 def test_evaluate_without_a_run_is_one_line_and_status_2(tmp_path):
@@ -99,6 +103,12 @@ def test_information_plane_reads_the_trajectories_and_plots(tiny_run, tmp_path):
   config = tiny_config()
   row = information_plane._row("geco_re_0.1", config, summary, evaluation)
   assert set(row) == set(information_plane.COLUMNS)
+  # Met in the constraint's own aggregate: the test root_mse, not the mean RMSE.
+  assert row["re_satisfied"] == (evaluation["root_mse"] <= 0.1)
+  assert row["re_satisfied"] == (evaluation["constraints"]["re"] <= 0)
+  between = dict(evaluation, rmse=0.09, root_mse=0.11, mse=0.0121)
+  assert not information_plane._row("geco_re_0.1", config, summary, between)["re_satisfied"]
+  assert information_plane.matched_target(between) == pytest.approx(0.11)
   assert row["marginal_kl"] is None and row["marginal_kl_se"] is None
   table = information_plane.markdown_table([row])
   assert table.count("\n") == 3 and "geco_re_0.1" in table
