@@ -24,7 +24,9 @@ Reads the run's ``config.json`` and its newest checkpoint (or the
   on the test split, in its own units. The RE constraint's mean,
   D (root_mse^2 - kappa^2), is <= 0 exactly when root_mse <= kappa: a test
   set meets an RE target in root_mse, not in rmse (which is smaller, by
-  Jensen's inequality, when examples' errors differ).
+  Jensen's inequality, when examples' errors differ). ``train_root_mse``: the
+  same over the training images of sigma* (sigma* itself, unclamped), the
+  data on which GECO enforces its constraints.
 
 One z per example throughout. Image grids (data, reconstructions, prior
 samples) are written as PNGs beside eval.json.
@@ -149,6 +151,7 @@ def evaluate_state(experiment, state, *, num_train: Optional[int] = None,
   num_dims = math.prod(test["image"].shape[1:])
   result: dict[str, Any] = {
       "sigma_star": sigma_star,
+      "train_root_mse": math.sqrt(total_sq / total_values),
       "nll": means.pop("nll"),
       "average_kl": means.pop("kl"),
       "rmse": means.pop("rmse"),
@@ -265,7 +268,7 @@ def stored_evaluation(workdir: str, step: int, checkpoint: str = "latest",
     stored = json.load(f)
   if stored.get("step") != step or stored.get("settings") != _settings(checkpoint, kwargs):
     return None
-  if "root_mse" not in stored:   # written before eval.json had it: evaluate again
+  if "train_root_mse" not in stored:   # written before eval.json had it: evaluate again
     return None
   return stored
 

@@ -142,6 +142,7 @@ def test_step_time_cli_writes_the_results(tmp_path):
   else:
     assert entry["torch"] == {}
   assert results["pipeline"]["by_model"]["conv_vae"]["ratio_pipeline_to_step"] > 0
+  assert results["pipeline"]["by_model"]["conv_vae"]["ratio_device_batches_to_step"] > 0
   assert "JAX/torch" in done.stdout
 
 

@@ -56,6 +56,7 @@ def test_evaluate_writes_the_papers_metrics(tiny_run):
   assert result["constraints"]["re"] == pytest.approx(
       256 * (result["mse"] - 0.1 ** 2), rel=1e-4, abs=1e-4)
   assert result["rmse"] <= result["root_mse"] * (1 + 1e-6)
+  assert result["train_root_mse"] == pytest.approx(result["sigma_star"], rel=1e-6)
 
 
 def test_evaluate_without_a_run_is_one_line_and_status_2(tmp_path):
@@ -106,9 +107,12 @@ def test_information_plane_reads_the_trajectories_and_plots(tiny_run, tmp_path):
   # Met in the constraint's own aggregate: the test root_mse, not the mean RMSE.
   assert row["re_satisfied"] == (evaluation["root_mse"] <= 0.1)
   assert row["re_satisfied"] == (evaluation["constraints"]["re"] <= 0)
-  between = dict(evaluation, rmse=0.09, root_mse=0.11, mse=0.0121)
+  between = dict(evaluation, rmse=0.09, root_mse=0.11, mse=0.0121, train_root_mse=0.095)
   assert not information_plane._row("geco_re_0.1", config, summary, between)["re_satisfied"]
-  assert information_plane.matched_target(between) == pytest.approx(0.11)
+  assert information_plane.matched_target(between) == pytest.approx(0.095)
+  assert information_plane.matched_target(between, "test") == pytest.approx(0.11)
+  with pytest.raises(ValueError, match="split must be"):
+    information_plane.matched_target(between, "valid")
   assert row["marginal_kl"] is None and row["marginal_kl_se"] is None
   table = information_plane.markdown_table([row])
   assert table.count("\n") == 3 and "geco_re_0.1" in table
