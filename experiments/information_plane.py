@@ -278,7 +278,8 @@ def run(config, workdir: str, tolerances, match_elbo: bool, only=(), match_split
                                                 "rmse", "sigma"))
     done.add(name)
     if name == "elbo" and match_elbo:
-      todo.update({k: v for k, v in variants(config, (), matched_target(evaluation, match_split)).items()
+      target = matched_target(evaluation, match_split)
+      todo.update({k: v for k, v in variants(config, (), target).items()
                    if k not in done and k not in todo and selected(k)})
   with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=COLUMNS)

@@ -249,8 +249,7 @@ class Experiment:
     self.train_batches = EpochBatcher(
         data["train"], config.batch_size, seed=config.seed,
         shard_index=jax.process_index(), num_shards=jax.process_count())
-    self.device_batches = (DeviceEpochBatcher(self.train_batches, self.batch_sharding)
-                           if config.data_on_device else None)
+    self.data_on_device = config.data_on_device
     self.step_fn = jax.jit(
         functools.partial(train_step, model=self.model, tx=self.tx, loss_fn=loss_fn,
                           uses_geco=self.uses_geco),
@@ -269,9 +268,14 @@ class Experiment:
     """This process's part of a global batch, as arrays split over the mesh."""
     return _device_batch(batch, self.batch_sharding, global_batch=False)
 
+  @functools.cached_property
+  def device_batches(self) -> DeviceEpochBatcher:
+    """The training set on the devices (``config.data_on_device``), copied at first use."""
+    return DeviceEpochBatcher(self.train_batches, self.batch_sharding)
+
   def batch_at(self, step: int) -> dict:
     """The training batch of global step ``step`` (0-based), on the devices."""
-    if self.device_batches is not None:
+    if self.data_on_device:
       return self.device_batches.batch_at(step)
     return self.device_batch(self.train_batches.batch_at(step))
 
@@ -281,7 +285,7 @@ class Experiment:
     Gathered on the devices (``config.data_on_device``) or prepared on the
     host by a ``Prefetcher`` thread, which copies them over; ``close()`` it.
     """
-    if self.device_batches is not None:
+    if self.data_on_device:
       return self.device_batches.iterate(start_step)
     return Prefetcher(self.train_batches.iterate(start_step=start_step),
                       buffer_size=2, transform=self.device_batch)

@@ -229,7 +229,8 @@ class DeviceEpochBatcher:
           f"got {type(sharding).__name__}.")
     self._batcher = batcher
     self._data_sharding = data_sharding
-    self._arrays = jax.device_put(dict(batcher._arrays), data_sharding)  # pylint: disable=protected-access
+    arrays = batcher._arrays  # pylint: disable=protected-access
+    self._arrays = jax.device_put(dict(arrays), data_sharding)
     self._epoch, self._order = None, None
 
     def gather(arrays, order, start, size):
