@@ -43,6 +43,10 @@ on training batches, so ``geco_matched`` takes the ELBO's error on training
 images as its target, and ``train_root_mse`` is the column to compare at
 "the same error"; the test errors show how each generalises.
 
+``seconds`` is the wall time of every ``train.train_and_evaluate`` call in
+the variant's workdir (training, evaluations, checkpoints; a run collected
+again adds its few seconds).
+
 ``colabs/information_plane.ipynb`` draws the same plots from these files.
 """
 
@@ -175,7 +179,7 @@ def _row(name, config, summary, evaluation) -> dict[str, Any]:
       "nll_bits_per_dim": evaluation["nll_bits_per_dim"],
       "sigma_star": evaluation["sigma_star"],
       "final_lambda": (summary.get("lambda") or {}).get("re"),
-      "seconds": summary.get("seconds"),
+      "seconds": summary.get("total_seconds", summary.get("seconds")),
   }
 
 

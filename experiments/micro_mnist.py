@@ -121,7 +121,7 @@ def main(argv):
     run_dir = os.path.join(workdir, name)
     summary = train.train_and_evaluate(variant, run_dir)
     summaries[name] = {k: summary.get(k) for k in ("step", "eval", "lambda", "satisfied",
-                                                   "sigma", "seconds")}
+                                                   "sigma", "seconds", "total_seconds")}
     samples[name] = posterior_samples(run_dir, _NUM_SAMPLES.value)
   np.savez(os.path.join(workdir, "posterior_samples.npz"), **samples)
   with open(os.path.join(workdir, "summary.json"), "w") as f:

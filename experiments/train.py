@@ -26,7 +26,9 @@ Survival:
   checked finite before it is written, so no NaN reaches a checkpoint;
 - ``best_feasible``: at each evaluation, if every constraint holds on the
   evaluation set (mean C <= 0) and the KL is the lowest seen so far, that
-  state is kept in ``workdir/best_feasible`` with ``best_feasible.json``.
+  state is kept in ``workdir/best_feasible`` with ``best_feasible.json``;
+- ``workdir/seconds.json`` adds up the wall seconds of every call in the
+  workdir (the summary's ``total_seconds``; ``seconds`` is this call's).
 
 Multi-host: with ``config.distributed`` the entry point calls
 ``jax.distributed.initialize()``; each process reads its part of every global
@@ -520,6 +522,28 @@ def _warn_at_lambda_max(metrics: dict[str, float], lambda_max, step: int,
           metrics.get(f"constraint_ma/{name}", float("nan")), name)
 
 
+def _add_seconds(workdir, seconds: float) -> float:
+  """Adds this call's wall seconds to ``workdir/seconds.json``; returns the total.
+
+  A run trained over several calls (resumed, or collected again by
+  ``experiments.information_plane``) thus reports the time of all of them.
+  Written to a temporary file and renamed, so an interrupted write loses
+  nothing; an unreadable file is started again from this call.
+  """
+  path = workdir / "seconds.json"
+  total, calls = 0.0, 0
+  try:
+    record = json.loads(path.read_text())
+    total, calls = float(record["total_seconds"]), int(record["calls"])
+  except (FileNotFoundError, ValueError, KeyError, TypeError):
+    pass
+  total += seconds
+  temporary = workdir / "seconds.json.tmp"
+  temporary.write_text(json.dumps({"total_seconds": total, "calls": calls + 1}))
+  temporary.replace(path)
+  return total
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices=None, data: Optional[dict] = None) -> dict[str, Any]:
   """Train, log and checkpoint into ``workdir``; return the final summary.
@@ -636,6 +660,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "best_feasible": best_feasible.record,
       "seconds": time.time() - started,
   }
+  summary["total_seconds"] = (_add_seconds(workdir, summary["seconds"]) if is_writer
+                              else summary["seconds"])
   if experiment.uses_geco:
     final_ma = to_host(geco_jax.constraint_moving_average(state.opt_state))
     final_lambda = to_host(geco_jax.lagrange_multiplier(state.opt_state))

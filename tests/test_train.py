@@ -70,6 +70,10 @@ def test_resuming_gives_the_same_run_as_training_straight(tmp_path, monkeypatch)
   resumed = train.train_and_evaluate(
       tiny_config(num_steps=8, data_on_device=True, **short), "b")
   assert straight["step"] == resumed["step"] == 8
+  # seconds: this call's; total_seconds: every call's in the workdir.
+  assert straight["total_seconds"] == pytest.approx(straight["seconds"])
+  assert resumed["total_seconds"] > resumed["seconds"] > 0
+  assert json.loads((tmp_path / "b" / "seconds.json").read_text())["calls"] == 2
   a, b = restore_state(tmp_path / "a"), restore_state(tmp_path / "b")
   np.testing.assert_allclose(straight["lambda"]["re"], resumed["lambda"]["re"], rtol=1e-6)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
