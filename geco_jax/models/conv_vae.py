@@ -121,7 +121,59 @@ class SubpixelConvTranspose(nn.Module):
     return y.reshape(batch, height * s, width * s, features) + bias
 
 
-class ConvVAE(nn.Module):
+class ConvEncoderDecoder(nn.Module):
+  """The convolutional encoder torso and decoder that ConvVAE and VAENVP share.
+
+  Encoder features: h(x) = relu(dense(flatten(relu(conv2(relu(conv1(x))))))),
+  two 4x4 stride-2 convolutions and a dense layer of ``hidden_size``.
+  Decoder: g(z) = sigmoid(tconv2(relu(tconv1(relu(grid(relu(dense(z)))))))),
+  a dense layer, a dense layer to the quarter-resolution grid of
+  ``channels[1]`` and two 4x4 stride-2 transposed convolutions
+  (``SubpixelConvTranspose``). The parameters are named ``enc_conv1``,
+  ``enc_conv2``, ``enc_dense``, ``dec_dense``, ``dec_grid``, ``dec_conv1`` and
+  ``dec_conv2`` at the top of the model's tree.
+
+  A base class without fields: subclasses declare ``image_shape`` (sides
+  divisible by 4), ``channels`` (two) and ``hidden_size``, and call
+  ``setup_encoder_decoder()`` in their ``setup``.
+  """
+
+  def setup_encoder_decoder(self):
+    height, width, _ = self.image_shape
+    if height % 4 or width % 4:
+      raise ValueError(f"{type(self).__name__} needs image sides divisible by 4; "
+                       f"got {tuple(self.image_shape)}.")
+    c1, c2 = self.channels
+    self.encoder_convs = [
+        nn.Conv(c1, (4, 4), strides=(2, 2), name="enc_conv1"),
+        nn.Conv(c2, (4, 4), strides=(2, 2), name="enc_conv2"),
+    ]
+    self.encoder_dense = nn.Dense(self.hidden_size, name="enc_dense")
+    self.decoder_dense = nn.Dense(self.hidden_size, name="dec_dense")
+    self.decoder_grid = nn.Dense((height // 4) * (width // 4) * c2, name="dec_grid")
+    self.decoder_convs = [
+        SubpixelConvTranspose(c1, 4, 2, name="dec_conv1"),
+        SubpixelConvTranspose(self.image_shape[2], 4, 2, name="dec_conv2"),
+    ]
+
+  def encoder_features(self, x):
+    """h(x), [batch, hidden_size]."""
+    h = x
+    for conv in self.encoder_convs:
+      h = nn.relu(conv(h))
+    return nn.relu(self.encoder_dense(h.reshape(h.shape[0], -1)))
+
+  def decode(self, z):
+    """g(z), the reconstruction mean in [0, 1], [batch, *image_shape]."""
+    height, width, _ = self.image_shape
+    h = nn.relu(self.decoder_dense(z))
+    h = nn.relu(self.decoder_grid(h))
+    h = h.reshape(z.shape[0], height // 4, width // 4, self.channels[1])
+    h = nn.relu(self.decoder_convs[0](h))
+    return nn.sigmoid(self.decoder_convs[1](h))
+
+
+class ConvVAE(ConvEncoderDecoder):
   """Convolutional VAE for images whose sides are divisible by 4.
 
   Attributes:
@@ -137,41 +189,13 @@ class ConvVAE(nn.Module):
   hidden_size: int = 256
 
   def setup(self):
-    height, width, _ = self.image_shape
-    if height % 4 or width % 4:
-      raise ValueError(
-          f"ConvVAE needs image sides divisible by 4; got {tuple(self.image_shape)}.")
-    c1, c2 = self.channels
-    self.encoder_convs = [
-        nn.Conv(c1, (4, 4), strides=(2, 2), name="enc_conv1"),
-        nn.Conv(c2, (4, 4), strides=(2, 2), name="enc_conv2"),
-    ]
-    self.encoder_dense = nn.Dense(self.hidden_size, name="enc_dense")
+    self.setup_encoder_decoder()
     self.posterior = nn.Dense(2 * self.latent_size, name="posterior")
-    self.decoder_dense = nn.Dense(self.hidden_size, name="dec_dense")
-    self.decoder_grid = nn.Dense((height // 4) * (width // 4) * c2, name="dec_grid")
-    self.decoder_convs = [
-        SubpixelConvTranspose(c1, 4, 2, name="dec_conv1"),
-        SubpixelConvTranspose(self.image_shape[2], 4, 2, name="dec_conv2"),
-    ]
 
   def encode(self, x):
     """Mean and log standard deviation of q(z|x), each [batch, latent_size]."""
-    h = x
-    for conv in self.encoder_convs:
-      h = nn.relu(conv(h))
-    h = nn.relu(self.encoder_dense(h.reshape(h.shape[0], -1)))
-    mean, log_std = jnp.split(self.posterior(h), 2, axis=-1)
+    mean, log_std = jnp.split(self.posterior(self.encoder_features(x)), 2, axis=-1)
     return mean, log_std
-
-  def decode(self, z):
-    """g(z), the reconstruction mean in [0, 1], [batch, *image_shape]."""
-    height, width, _ = self.image_shape
-    h = nn.relu(self.decoder_dense(z))
-    h = nn.relu(self.decoder_grid(h))
-    h = h.reshape(z.shape[0], height // 4, width // 4, self.channels[1])
-    h = nn.relu(self.decoder_convs[0](h))
-    return nn.sigmoid(self.decoder_convs[1](h))
 
   def __call__(self, x, rng) -> VAEOutput:
     """Encode x, draw one z ~ q(z|x) with ``rng``, decode it."""

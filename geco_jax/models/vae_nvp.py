@@ -82,7 +82,7 @@ import jax
 import jax.numpy as jnp
 
 from geco_jax.models.common import VAEOutput
-from geco_jax.models.conv_vae import SubpixelConvTranspose
+from geco_jax.models.conv_vae import ConvEncoderDecoder
 
 _HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -164,7 +164,7 @@ class AffineCoupling(nn.Module):
     return (z - shift) * jnp.exp(-log_scale), jnp.sum(log_scale, axis=-1)
 
 
-class VAENVP(nn.Module):
+class VAENVP(ConvEncoderDecoder):
   """Convolutional VAE with a conditional RealNVP posterior (see module docstring).
 
   Attributes:
@@ -188,10 +188,6 @@ class VAENVP(nn.Module):
   max_log_scale: float = 2.0
 
   def setup(self):
-    height, width, _ = self.image_shape
-    if height % 4 or width % 4:
-      raise ValueError(
-          f"VAENVP needs image sides divisible by 4; got {tuple(self.image_shape)}.")
     if self.latent_size < 2:
       raise ValueError(
           "VAENVP needs latent_size >= 2 (a coupling layer splits z into two non-empty "
@@ -200,33 +196,19 @@ class VAENVP(nn.Module):
       raise ValueError(f"num_couplings must be >= 0; got {self.num_couplings}.")
     if not self.max_log_scale > 0:
       raise ValueError(f"max_log_scale must be > 0; got {self.max_log_scale}.")
-    c1, c2 = self.channels
-    self.encoder_convs = [
-        nn.Conv(c1, (4, 4), strides=(2, 2), name="enc_conv1"),
-        nn.Conv(c2, (4, 4), strides=(2, 2), name="enc_conv2"),
-    ]
-    self.encoder_dense = nn.Dense(self.hidden_size, name="enc_dense")
+    self.setup_encoder_decoder()
     self.base = nn.Dense(2 * self.latent_size, name="base")
     self.couplings = [
         AffineCoupling(mask, self.coupling_hidden_size, self.max_log_scale,
                        name=f"coupling{k}")
         for k, mask in enumerate(coupling_masks(self.latent_size, self.num_couplings))
     ]
-    self.decoder_dense = nn.Dense(self.hidden_size, name="dec_dense")
-    self.decoder_grid = nn.Dense((height // 4) * (width // 4) * c2, name="dec_grid")
-    self.decoder_convs = [
-        SubpixelConvTranspose(c1, 4, 2, name="dec_conv1"),
-        SubpixelConvTranspose(self.image_shape[2], 4, 2, name="dec_conv2"),
-    ]
 
   # Encoder ------------------------------------------------------------------ #
 
   def encode_base(self, x):
     """Features h(x) [batch, hidden_size], and q0's mean and log std [batch, latent_size]."""
-    h = x
-    for conv in self.encoder_convs:
-      h = nn.relu(conv(h))
-    h = nn.relu(self.encoder_dense(h.reshape(h.shape[0], -1)))
+    h = self.encoder_features(x)
     mean, log_std = jnp.split(self.base(h), 2, axis=-1)
     return h, mean, log_std
 
@@ -289,16 +271,7 @@ class VAENVP(nn.Module):
     log_q0 = jnp.sum(-0.5 * jnp.square(eps) - log_std - _HALF_LOG_TWO_PI, axis=-1)
     return log_q0 - log_det
 
-  # Decoder ------------------------------------------------------------------ #
-
-  def decode(self, z):
-    """g(z), the reconstruction mean in [0, 1], [batch, *image_shape]."""
-    height, width, _ = self.image_shape
-    h = nn.relu(self.decoder_dense(z))
-    h = nn.relu(self.decoder_grid(h))
-    h = h.reshape(z.shape[0], height // 4, width // 4, self.channels[1])
-    h = nn.relu(self.decoder_convs[0](h))
-    return nn.sigmoid(self.decoder_convs[1](h))
+  # The decoder, decode(z), is ConvEncoderDecoder's.
 
   def __call__(self, x, rng) -> VAEOutput:
     """Draw one z ~ q(z|x) with ``rng``, decode it; kl is the one-sample estimate."""
