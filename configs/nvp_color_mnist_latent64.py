@@ -6,7 +6,8 @@ The question it answers: does the ELBO's marginal KL (46 nats at latent 16,
 GECO's stays near what its constraint needs? (Measured: 77.5 against 8.8;
 docs/results.md, section 3.) Also the model of the Figure 5 analog of
 section 2 (``information_plane --match_elbo``). About as fast as the 16-dim
-model on the 2-core CPU (27 against 23 steps/s).
+model on the 2-core CPU (21-24 steps/s over its 20,000-step runs, the 16-dim
+model's about 23).
 
   GECO_DATA_DIR=../shared/data python -m experiments.main \
       --config configs/nvp_color_mnist_latent64.py --workdir runs/nvp_latent64_geco
