@@ -168,3 +168,90 @@ def test_step_time_on_cuda_without_a_gpu_is_one_clear_error():
   assert done.returncode != 0
   assert done.stderr.strip().splitlines()[-1] == (
       "--torch_device=cuda, but torch sees no CUDA device.")
+
+
+def test_conv_ops_times_convdraws_own_convolutions():
+  """benchmarks.conv_ops's shapes are the kernels of the model's step t >= 2."""
+  from benchmarks import conv_ops
+  from geco_jax.models import convdraw
+
+  preset = convdraw.convdraw_preset("mnist_cpu")
+  model = convdraw.ConvDraw(**preset)
+  params = jax.eval_shape(model.init, jax.random.key(0),
+                          np.zeros((2, 28, 28, 1), np.float32), jax.random.key(1))
+  step = params["params"]["step"]
+  kernels = {"encoder gates": step["encoder"]["gates"]["kernel"].shape,
+             "decoder gates": step["decoder"]["gates"]["kernel"].shape,
+             "posterior": step["posterior"]["kernel"].shape,
+             "prior": step["prior"]["kernel"].shape}
+  convs = {c["name"]: c for c in conv_ops.convolutions("mnist_cpu", 32)}
+  assert set(convs) == set(kernels)
+  for name, (k, _, cin, cout) in kernels.items():
+    c = convs[name]
+    assert (c["kernel"], c["out_channels"], c["batch"], c["height"]) == (k, cout, 32, 14)
+    # The encoder's share of the read of x is convolved once, before the loop.
+    assert c["in_channels"] == cin - (preset["read_channels"] if name == "encoder gates" else 0)
+  assert conv_ops.flops(convs["prior"]) == 2 * 32 * 14 * 14 * 9 * 32 * 16
+
+
+def test_conv_ops_computes_the_three_operations():
+  """Forward, input and kernel gradient against sums written out in numpy (and torch's)."""
+  from benchmarks import conv_ops
+
+  conv = dict(name="c", batch=2, height=5, width=4, kernel=3, in_channels=3, out_channels=2)
+  x, kernel, dy = conv_ops._arrays(conv)   # pylint: disable=protected-access
+  padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  windows = np.stack([np.stack([padded[:, i:i + 5, j:j + 4] for j in range(3)], 3)
+                      for i in range(3)], 3)                  # [n, h, w, ki, kj, cin]
+  expected = {
+      "forward": np.einsum("nhwijc,ijcf->nhwf", windows, kernel),
+      "kernel gradient": np.einsum("nhwijc,nhwf->ijcf", windows, dy),
+  }
+  # dx[n, p, q, c] = sum over the outputs that read x[n, p, q]: the transposed sum.
+  dx = np.zeros((2, 7, 6, 3))
+  for i in range(3):
+    for j in range(3):
+      dx[:, i:i + 5, j:j + 4] += np.einsum("nhwf,cf->nhwc", dy, kernel[i, j])
+  expected["input gradient"] = dx[:, 1:6, 1:5]
+  ops = conv_ops.jax_operations(conv)
+  for op in conv_ops.OPERATIONS:
+    fn, args = ops[op]
+    np.testing.assert_allclose(np.asarray(fn(*args)), expected[op], rtol=1e-5, atol=1e-5)
+  torch = pytest.importorskip("torch")
+  for layout in ("nchw", "channels_last"):
+    for op, (fn, axes) in conv_ops.torch_operations(torch, conv, layout).items():
+      np.testing.assert_allclose(fn().permute(*axes).numpy(), expected[op],
+                                 rtol=1e-5, atol=1e-5)
+
+
+def test_conv_ops_cli_writes_the_results(tmp_path):
+  """Tiny settings, end to end in a fresh process, with ConvDraw's XLA flags."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  out = tmp_path / "conv_ops.json"
+  done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.conv_ops", "--batch=2", "--seconds=0.02",
+       "--rounds=1", "--torch_layouts=nchw", "--torch_threads=1", f"--json={out}"],
+      cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads(out.read_text())
+  assert results["machine"]["xla_flags"] == convdraw_mnist.get_config().xla_flags
+  assert [c["name"] for c in results["convolutions"]] == [
+      "encoder gates", "decoder gates", "posterior", "prior"]
+  for c in results["convolutions"]:
+    for op in ("forward", "input gradient", "kernel gradient"):
+      entry = c["operations"][op]
+      assert entry["jax_ms"] > 0 and entry["jax_gflops_per_s"] > 0
+      if "torch_best" in entry:
+        assert entry["torch_best"] == "nchw/1t"
+        assert entry["max_relative_difference"] < 1e-4
+  assert results["summary"]["jax_ms_per_step"] > 0
+  assert "Per training step" in done.stdout
+
+
+def test_conv_ops_rejects_an_unknown_preset():
+  done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.conv_ops", "--preset=mnist_gpu", "--json="],
+      cwd=_ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode != 0
+  assert "--preset must be one of" in done.stderr.strip().splitlines()[-1]

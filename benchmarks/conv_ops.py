@@ -1,0 +1,313 @@
+r"""ConvDraw's convolutions one by one: XLA beside PyTorch, per operation.
+
+  pip install -e '.[bench]'
+  python -m benchmarks.conv_ops --json=conv_ops.json
+
+Where ``benchmarks.step_time`` times whole training steps, this times the
+pieces that dominate ConvDraw's: its stride-1 convolutions, each in the three
+forms a training step runs, at the shapes of one recurrent step t >= 2 of a
+preset (``--preset``, default ``mnist_cpu``; batch ``--batch``):
+
+  encoder gates   [error read, h^dec_{t-1}, h^enc_{t-1}] -> 4 hidden   (read of x: once, not here)
+  decoder gates   [z_t, h^dec_{t-1}]                     -> 4 hidden
+  posterior       h^enc_t                                -> 2 latent
+  prior           h^dec_{t-1}                            -> 2 latent
+
+  forward          y = conv(x, w)                         (NHWC, HWIO, 'SAME')
+  input gradient   dx = d<dy, conv(x, w)>/dx
+  kernel gradient  dw = d<dy, conv(x, w)>/dw
+
+JAX: each one jitted alone (``jax.vjp`` of ``lax.conv_general_dilated``), with
+ConvDraw's config's XLA flags (``configs/paper.py``; ``--noconfig_xla_flags``:
+this process's ``$XLA_FLAGS`` alone). Torch: ``conv2d``, ``grad.conv2d_input``
+and ``grad.conv2d_weight`` under ``no_grad``, in every configuration asked for
+(``--torch_threads`` x ``--torch_layouts``; the best per operation is the
+reference), as ``benchmarks.torch_models``' ConvDraw twin runs them. Before
+timing, every operation is computed by both on the same numbers and the
+largest relative difference recorded. Every round times one window of each
+runner of an operation back to back (``benchmarks.timing``); the numbers are
+medians over ``--rounds`` windows of ``--seconds``.
+
+The summary weights each operation by the calls of one training step at these
+shapes (T calls each; the steps t = 1 skip most of it, so this overstates both
+frameworks alike) and gives the convolutions' time per step in each framework.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+
+from absl import app
+from absl import flags
+
+from benchmarks import timing
+
+_PRESET = flags.DEFINE_string("preset", "mnist_cpu", "ConvDraw preset (its shapes).")
+_BATCH = flags.DEFINE_integer("batch", 32, "Batch size (convdraw_mnist.py's: 32).")
+_SECONDS = flags.DEFINE_float("seconds", 0.5, "Length of each timed window.")
+_ROUNDS = flags.DEFINE_integer("rounds", 7, "Timed windows per runner (interleaved).")
+_TORCH = flags.DEFINE_enum("torch", "auto", ["auto", "on", "off"],
+                           "Time torch too: 'auto' when it is installed.")
+_TORCH_LAYOUTS = flags.DEFINE_list("torch_layouts", ["nchw", "channels_last"],
+                                   "Torch memory formats: nchw, channels_last.")
+_TORCH_THREADS = flags.DEFINE_list("torch_threads", ["max", "1"],
+                                   "Torch thread counts ('max' = os.cpu_count()).")
+_CONFIG_XLA_FLAGS = flags.DEFINE_bool(
+    "config_xla_flags", True,
+    "Add ConvDraw's config's xla_flags to $XLA_FLAGS before JAX starts, as "
+    "experiments.main does.")
+_JSON = flags.DEFINE_string("json", "conv_ops.json", "Where to write the results ('' = not).")
+
+OPERATIONS = ("forward", "input gradient", "kernel gradient")
+
+
+def convolutions(preset: str, batch: int) -> list[dict]:
+  """The stride-1 convolutions of one ConvDraw step t >= 2 of ``preset``."""
+  from geco_jax.models import convdraw
+
+  p = convdraw.convdraw_preset(preset)
+  height, width = p["image_shape"][0] // 2, p["image_shape"][1] // 2
+  hidden, latent, read = p["hidden_channels"], p["latent_channels"], p["read_channels"]
+  shape = dict(batch=batch, height=height, width=width, kernel=p["kernel_size"])
+  return [
+      dict(name="encoder gates", in_channels=read + 2 * hidden, out_channels=4 * hidden,
+           **shape),
+      dict(name="decoder gates", in_channels=latent + hidden, out_channels=4 * hidden,
+           **shape),
+      dict(name="posterior", in_channels=hidden, out_channels=2 * latent, **shape),
+      dict(name="prior", in_channels=hidden, out_channels=2 * latent, **shape),
+  ]
+
+
+def flops(conv: dict) -> float:
+  """Multiply-adds x 2 of each operation (all three have the same count)."""
+  return (2.0 * conv["batch"] * conv["height"] * conv["width"] * conv["kernel"] ** 2
+          * conv["in_channels"] * conv["out_channels"])
+
+
+def _arrays(conv: dict, seed: int = 0):
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  n, h, w, k = conv["batch"], conv["height"], conv["width"], conv["kernel"]
+  x = rng.standard_normal((n, h, w, conv["in_channels"]), dtype=np.float32)
+  kernel = rng.standard_normal((k, k, conv["in_channels"], conv["out_channels"]),
+                               dtype=np.float32)
+  kernel = (kernel / np.sqrt(k * k * conv["in_channels"])).astype(np.float32)
+  dy = rng.standard_normal((n, h, w, conv["out_channels"]), dtype=np.float32)
+  return x, kernel, dy
+
+
+def jax_operations(conv: dict) -> dict:
+  """Jitted JAX forms of the three operations and their arguments."""
+  import jax
+  import jax.numpy as jnp
+
+  def apply(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  x, kernel, dy = (jnp.asarray(a) for a in _arrays(conv))
+  return {
+      "forward": (jax.jit(apply), (x, kernel)),
+      "input gradient": (jax.jit(lambda x, k, dy: jax.vjp(lambda x: apply(x, k), x)[1](dy)[0]),
+                         (x, kernel, dy)),
+      "kernel gradient": (jax.jit(lambda x, k, dy: jax.vjp(lambda k: apply(x, k), k)[1](dy)[0]),
+                          (x, kernel, dy)),
+  }
+
+
+def torch_operations(torch, conv: dict, layout: str) -> dict:
+  """The torch forms (NCHW / OIHW tensors in ``layout``), results back as NHWC / HWIO."""
+  memory_format = {"nchw": torch.contiguous_format,
+                   "channels_last": torch.channels_last}[layout]
+  x, kernel, dy = _arrays(conv)
+  x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).contiguous(memory_format=memory_format)
+  kernel = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()).contiguous(
+      memory_format=memory_format)
+  dy = torch.from_numpy(dy.transpose(0, 3, 1, 2).copy()).contiguous(
+      memory_format=memory_format)
+  padding = conv["kernel"] // 2
+  grad = torch.nn.grad
+
+  def no_grad(fn):
+    def run():
+      with torch.no_grad():
+        return fn()
+    return run
+
+  return {
+      "forward": (no_grad(lambda: torch.nn.functional.conv2d(x, kernel, padding=padding)),
+                  (0, 2, 3, 1)),
+      "input gradient": (no_grad(lambda: grad.conv2d_input(x.shape, kernel, dy,
+                                                           padding=padding)),
+                         (0, 2, 3, 1)),
+      "kernel gradient": (no_grad(lambda: grad.conv2d_weight(x, kernel.shape, dy,
+                                                             padding=padding)),
+                          (2, 3, 1, 0)),
+  }
+
+
+def _import_torch():
+  if _TORCH.value == "off":
+    return None
+  try:
+    import torch
+  except ImportError:
+    if _TORCH.value == "on":
+      raise
+    return None
+  return torch
+
+
+def _torch_threads() -> list[int]:
+  return sorted({os.cpu_count() if t == "max" else int(t) for t in _TORCH_THREADS.value},
+                reverse=True)
+
+
+def measure(torch, conv: dict) -> dict:
+  """Times every operation of ``conv``: JAX and each torch configuration."""
+  import jax
+  import numpy as np
+
+  entry = dict(conv, gflop=flops(conv) / 1e9, load_start=timing.load(), operations={})
+  jax_ops = jax_operations(conv)
+  torch_ops = ({layout: torch_operations(torch, conv, layout) for layout in
+                _TORCH_LAYOUTS.value} if torch is not None else {})
+  for op in OPERATIONS:
+    fn, args = jax_ops[op]
+    reference = np.asarray(fn(*args))
+    runners = [timing.Runner("jax", lambda fn=fn, args=args: fn(*args),
+                             jax.block_until_ready)]
+    difference = 0.0
+    for layout, ops in torch_ops.items():
+      torch_fn, to_jax_axes = ops[op]
+      value = torch_fn().permute(*to_jax_axes).contiguous().numpy()
+      difference = max(difference, float(np.max(np.abs(value - reference))
+                                         / np.max(np.abs(reference))))
+      for threads in _torch_threads():
+        runners.append(timing.Runner(
+            f"{layout}/{threads}t", torch_fn,
+            setup=lambda threads=threads: torch.set_num_threads(threads)))
+    timing.interleave(runners, _ROUNDS.value, _SECONDS.value)
+    jax_rate = runners[0].median
+    result = {"jax_ms": 1e3 / jax_rate, "jax_gflops_per_s": flops(conv) * jax_rate / 1e9,
+              "torch": {r.name: 1e3 / r.median for r in runners[1:]}}
+    if len(runners) > 1:
+      best = max(runners[1:], key=lambda r: r.median)
+      result.update(
+          torch_best=best.name, torch_best_ms=1e3 / best.median,
+          torch_best_gflops_per_s=flops(conv) * best.median / 1e9,
+          ratio_jax_to_torch_best=timing.paired_ratio(runners[0], best),
+          max_relative_difference=difference)
+    entry["operations"][op] = result
+  entry["load_end"] = timing.load()
+  return entry
+
+
+def summary(results: dict) -> dict:
+  """The convolutions' milliseconds per training step (T calls of each) in each framework."""
+  steps = results["num_steps"]
+  jax_ms = sum(steps * o["jax_ms"] for c in results["convolutions"]
+               for o in c["operations"].values())
+  out = {"calls_per_step": steps, "jax_ms_per_step": jax_ms}
+  if all("torch_best_ms" in o for c in results["convolutions"]
+         for o in c["operations"].values()):
+    torch_ms = sum(steps * o["torch_best_ms"] for c in results["convolutions"]
+                   for o in c["operations"].values())
+    out.update(torch_best_ms_per_step=torch_ms, ratio_jax_to_torch=torch_ms / jax_ms)
+    out["by_operation"] = {
+        op: {"jax_ms": sum(steps * c["operations"][op]["jax_ms"]
+                           for c in results["convolutions"]),
+             "torch_best_ms": sum(steps * c["operations"][op]["torch_best_ms"]
+                                  for c in results["convolutions"])}
+        for op in OPERATIONS}
+  return out
+
+
+def print_report(results: dict) -> None:
+  m = results["machine"]
+  print(f"\n{m['cpu']}, {m['cores']} cores; jax {m['jax']}, torch {m['torch']};"
+        f" XLA_FLAGS={m['xla_flags']!r}")
+  print(f"ConvDraw {results['preset']}, batch {results['batch']}: one step t >= 2's "
+        f"stride-1 convolutions (medians of {results['rounds']} windows)")
+  print(f"{'convolution':14s} {'channels':>9s} {'GFLOP':>6s} {'operation':16s}"
+        f" {'JAX ms':>7s} {'GF/s':>5s} {'torch ms':>8s} {'GF/s':>5s} {'(config)':18s}"
+        f" {'JAX/torch':>9s} {'max diff':>8s}")
+  for c in results["convolutions"]:
+    for op, o in c["operations"].items():
+      print(f"{c['name']:14s} {c['in_channels']:4d}->{c['out_channels']:<4d}"
+            f" {c['gflop']:6.3f} {op:16s} {o['jax_ms']:7.2f} {o['jax_gflops_per_s']:5.0f}"
+            + (f" {o['torch_best_ms']:8.2f} {o['torch_best_gflops_per_s']:5.0f}"
+               f" {o['torch_best']:18s} {o['ratio_jax_to_torch_best']:9.2f}"
+               f" {o['max_relative_difference']:8.1e}" if "torch_best" in o else ""))
+  s = results["summary"]
+  line = f"\nPer training step ({s['calls_per_step']} calls of each): JAX {s['jax_ms_per_step']:.0f} ms"
+  if "torch_best_ms_per_step" in s:
+    line += (f", torch best {s['torch_best_ms_per_step']:.0f} ms (JAX/torch speed"
+             f" {s['ratio_jax_to_torch']:.2f}); by operation, JAX / torch ms: " + ", ".join(
+                 f"{op} {v['jax_ms']:.0f} / {v['torch_best_ms']:.0f}"
+                 for op, v in s["by_operation"].items()))
+  print(line)
+  print(f"load average (1, 5, 15 min): start {results['load_start']}, end {results['load_end']}")
+
+
+def _set_xla_flags() -> None:
+  """ConvDraw's config's flags into $XLA_FLAGS (the environment's value wins).
+
+  XLA reads them when JAX's backend starts, which nothing before this has done.
+  """
+  if not _CONFIG_XLA_FLAGS.value:
+    return
+  from configs import convdraw_mnist
+
+  current = os.environ.get("XLA_FLAGS", "").split()
+  names = {f.split("=", 1)[0] for f in current}
+  wanted = [f for f in convdraw_mnist.get_config().get("xla_flags", "").split()
+            if f.split("=", 1)[0] not in names]
+  os.environ["XLA_FLAGS"] = " ".join(wanted + current)
+
+
+def main(argv):
+  del argv
+  if _BATCH.value < 1 or _ROUNDS.value < 1 or _SECONDS.value <= 0:
+    raise app.UsageError("--batch and --rounds must be >= 1 and --seconds > 0.")
+  _set_xla_flags()
+  from geco_jax.models import convdraw
+
+  if _PRESET.value not in convdraw.PRESETS:
+    raise app.UsageError(f"--preset must be one of {sorted(convdraw.PRESETS)}; "
+                         f"got {_PRESET.value!r}.")
+  torch = _import_torch()
+  import jax
+
+  machine = {"cpu": platform.processor(), "cores": os.cpu_count(),
+             "jax": jax.__version__, "backend": jax.default_backend(),
+             "torch": torch.__version__ if torch is not None else None,
+             "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  try:
+    with open("/proc/cpuinfo") as f:
+      machine["cpu"] = next(l.split(":", 1)[1].strip() for l in f
+                            if l.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  results = {"machine": machine, "preset": _PRESET.value, "batch": _BATCH.value,
+             "num_steps": convdraw.PRESETS[_PRESET.value]["num_steps"],
+             "rounds": _ROUNDS.value, "seconds": _SECONDS.value, "load_start": timing.load(),
+             "convolutions": []}
+  for conv in convolutions(_PRESET.value, _BATCH.value):
+    results["convolutions"].append(measure(torch, conv))
+    print(f"[{conv['name']} done]", flush=True)
+  results["load_end"] = timing.load()
+  results["summary"] = summary(results)
+  print_report(results)
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(results, f, indent=1)
+    print(f"\nwrote {_JSON.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,69 @@
+"""Timing shared by the benchmarks: interleaved windows of steps, medians, load."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+
+def window(step: Callable, block: Callable, seconds: float) -> float:
+  """Steps/s over one window of at least ``seconds`` (and one step).
+
+  ``step()`` starts a step and returns something ``block`` waits on; one step
+  stays in flight while the host starts the next (the trainer never waits).
+  """
+  count, pending = 0, None
+  start = time.perf_counter()
+  while True:
+    handle = step()
+    if pending is not None:
+      block(pending)
+    pending = handle
+    count += 1
+    if time.perf_counter() - start >= seconds:
+      break
+  block(pending)
+  return count / (time.perf_counter() - start)
+
+
+class Runner:
+  """Something timed in windows: a name, one step, and what to wait on."""
+
+  def __init__(self, name: str, step: Callable, block: Callable = lambda _: None,
+               setup: Callable = lambda: None, seconds: Optional[float] = None):
+    self.name, self.step, self.block, self.setup = name, step, block, setup
+    self.seconds = seconds
+    self.rates: list[float] = []
+
+  def warm_up(self):
+    self.setup()
+    for _ in range(2):
+      self.block(self.step())
+
+  def time_window(self, seconds: float):
+    self.setup()
+    self.rates.append(window(self.step, self.block, self.seconds or seconds))
+
+  @property
+  def median(self) -> float:
+    return statistics.median(self.rates)
+
+
+def interleave(runners: list[Runner], rounds: int, seconds: float) -> None:
+  """``rounds`` rounds of one window per runner; every other round reversed."""
+  for runner in runners:
+    runner.warm_up()
+  for r in range(rounds):
+    for runner in (runners if r % 2 == 0 else runners[::-1]):
+      runner.time_window(seconds)
+
+
+def paired_ratio(a: Runner, b: Runner) -> float:
+  """Median over rounds of a's rate / b's rate in the same round."""
+  return statistics.median(x / y for x, y in zip(a.rates, b.rates))
+
+
+def load() -> list[float]:
+  return [round(v, 2) for v in os.getloadavg()]
