@@ -29,7 +29,9 @@ compare
   the per-round ratios. Also: compile time (lower + compile) of each JAX step
   and its FLOPs (XLA's cost analysis), hence the fraction of the matmul peak
   each framework achieves; and GECO's overhead over the ELBO step, from
-  ``--geco_rounds`` further pairs of short GECO / ELBO windows.
+  ``--geco_rounds`` further pairs of short GECO / ELBO windows. With
+  ``--torch_compile``, every torch configuration also runs under
+  ``torch.compile`` (reported beside the eager reference, with its compile time).
 scaling
   ConvDraw's compile time and steps/s against T (``--scaling_steps``) and
   against the batch size (``--scaling_batches``), JAX beside the best torch
@@ -95,6 +97,11 @@ _TORCH_DEVICE = flags.DEFINE_enum(
     "Where the torch twins run. 'cuda': on the GPU, with TF32 matmuls and convolutions "
     "(torch.set_float32_matmul_precision('high')), as JAX computes float32 dots and "
     "convolutions on recent NVIDIA GPUs by default; --torch_threads is then moot.")
+_TORCH_COMPILE = flags.DEFINE_bool(
+    "torch_compile", False,
+    "Also time every torch configuration with the twin under torch.compile (inductor, "
+    "default mode; its compile time is the first step's). Reported beside the eager "
+    "ones, which stay the reference (the issue's baseline is torch eager).")
 _SIZE = flags.DEFINE_enum(
     "size", "cpu", ["cpu", "accelerator"],
     "Size of ConvDraw and VAE+NVP (configs/paper.py): 'cpu' presets or the paper-sized "
@@ -295,8 +302,14 @@ def _torch_blocking(torch, step: Callable) -> tuple[Callable, Callable]:
   return step_with_event, lambda event: event.synchronize()
 
 
-def torch_runner(torch, config, images, layout: str, threads: int) -> Runner:
-  """``GecoStep`` of the torch twin of ``config``'s model, same batch and settings."""
+def torch_runner(torch, config, images, layout: str, threads: int,
+                 compiled: bool = False) -> Runner:
+  """``GecoStep`` of the torch twin of ``config``'s model, same batch and settings.
+
+  ``compiled``: the twin under ``torch.compile``, compiled here (with ``threads``
+  set: inductor's CPU kernels keep the thread count they were compiled with) by
+  one step whose time is the runner's ``compile_s``; the state is restored after.
+  """
   from benchmarks import torch_models
   from experiments import setup
 
@@ -309,7 +322,7 @@ def torch_runner(torch, config, images, layout: str, threads: int) -> Runner:
       device=device, memory_format=memory_format)
   re = config.constraints.re
   step = torch_models.GecoStep(
-      model, learning_rate=config.optimizer.learning_rate, objective=config.objective,
+      torch.compile(model) if compiled else model, learning_rate=config.optimizer.learning_rate, objective=config.objective,
       tolerance=re.tolerance, lambda_lr=re.get("lambda_lr", config.geco.lambda_lr),
       alpha=config.geco.alpha, lambda_init=config.geco.lambda_init,
       lambda_min=config.geco.lambda_min, lambda_max=config.geco.lambda_max,
@@ -327,7 +340,14 @@ def torch_runner(torch, config, images, layout: str, threads: int) -> Runner:
 
   step_fn, block = _torch_blocking(torch, lambda: step(x))
   name = f"torch {layout}/" + ("cuda" if _TORCH_DEVICE.value == "cuda" else f"{threads}t")
-  return Runner(name, step_fn, block, setup=setup_window)
+  runner = Runner(name + (" compiled" if compiled else ""), step_fn, block, setup=setup_window)
+  runner.compile_s = None
+  if compiled:
+    setup_window()
+    start = time.perf_counter()
+    block(step_fn())
+    runner.compile_s = time.perf_counter() - start
+  return runner
 
 
 def _torch_parameter_count(torch, config, images) -> int:
@@ -369,9 +389,13 @@ def compare(torch, images, devices, models) -> dict:
                              f"model {_jax_parameter_count(geco)}.")
       torch_runners = [torch_runner(torch, config, images, layout, threads)
                        for threads in _torch_threads() for layout in _TORCH_LAYOUTS.value]
+    compiled_runners = []
+    if torch is not None and _TORCH_COMPILE.value:
+      compiled_runners = [torch_runner(torch, config, images, layout, threads, compiled=True)
+                          for threads in _torch_threads() for layout in _TORCH_LAYOUTS.value]
     matmul.rates = []
-    _interleave([jax_geco, *torch_runners, jax_elbo, *lean_runners, matmul], _ROUNDS.value,
-                _SECONDS.value)
+    _interleave([jax_geco, *torch_runners, *compiled_runners, jax_elbo, *lean_runners, matmul],
+                _ROUNDS.value, _SECONDS.value)
     peak = matmul.median * matmul_flops
     # GECO's overhead is a few percent at most: many short GECO / ELBO window
     # pairs give its paired ratio a smaller spread than the rounds above.
@@ -419,6 +443,19 @@ def compare(torch, images, devices, models) -> dict:
           "ratio_jax_to_torch": {r.name[len("torch "):]: _paired_ratio(jax_geco, r)
                                  for r in torch_runners},
       })
+    if compiled_runners:
+      best = max(compiled_runners, key=lambda r: r.median)
+      entry.update({
+          "torch_compiled": {r.name[len("torch "):-len(" compiled")]: {
+              "steps_per_s": r.median, "windows": r.rates, "compile_s": r.compile_s}
+              for r in compiled_runners},
+          "torch_compiled_best": best.name[len("torch "):-len(" compiled")],
+          "torch_compiled_best_steps_per_s": best.median,
+          "ratio_jax_to_torch_compiled_best": _paired_ratio(jax_geco, best),
+      })
+      if torch_runners:
+        eager = max(torch_runners, key=lambda r: r.median)
+        entry["ratio_torch_compiled_to_eager_best"] = _paired_ratio(best, eager)
     entry["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     results[name] = entry
   return results
@@ -586,6 +623,13 @@ def print_report(results: dict) -> None:
               + (f"; JAX lean step {e['jax_lean_steps_per_s']:.2f} (trainer extras"
                  f" {e['trainer_extras_overhead']:+.1%})" if "jax_lean_steps_per_s" in e else "")
               + f"; XLA_FLAGS={e.get('xla_flags', '')!r}")
+      if "torch_compiled" in e:
+        print(f"  {name}: torch.compile " + ", ".join(
+            f"{k} {v['steps_per_s']:.2f} (compile {v['compile_s']:.1f} s)"
+            for k, v in e["torch_compiled"].items())
+              + f"; JAX / compiled best {e['ratio_jax_to_torch_compiled_best']:.2f}"
+              + (f"; compiled / eager best {e['ratio_torch_compiled_to_eager_best']:.2f}"
+                 if "ratio_torch_compiled_to_eager_best" in e else ""))
   if "scaling" in results:
     print(f"\nConvDraw (mnist_{results['settings']['size']}) against T and batch size")
     print(f"{'T':>3s} {'batch':>5s} {'compile s':>9s} {'JAX':>7s} {'torch':>7s} "

@@ -146,6 +146,29 @@ def test_step_time_cli_writes_the_results(tmp_path):
   assert "JAX/torch" in done.stdout
 
 
+@pytest.mark.slow   # about a minute: inductor compiles the twin
+def test_step_time_times_torch_compile_beside_eager(tmp_path):
+  pytest.importorskip("torch")
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  out = tmp_path / "step_time.json"
+  done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.step_time", "--models=conv_vae",
+       "--sections=compare", "--seconds=0.05", "--rounds=1", "--torch_layouts=nchw",
+       "--torch_threads=1", "--nolean", "--geco_rounds=0", "--torch_compile",
+       f"--json={out}"],
+      cwd=_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  entry = json.loads(out.read_text())["compare"]["conv_vae"]
+  assert entry["torch_best"] == "nchw/1t"                 # eager stays the reference
+  assert set(entry["torch_compiled"]) == {"nchw/1t"}
+  compiled = entry["torch_compiled"]["nchw/1t"]
+  assert compiled["steps_per_s"] > 0 and compiled["compile_s"] > 0
+  assert entry["ratio_jax_to_torch_compiled_best"] > 0
+  assert entry["ratio_torch_compiled_to_eager_best"] > 0
+  assert "torch.compile nchw/1t" in done.stdout
+
+
 def test_step_time_size_flag_selects_the_accelerator_presets():
   script = ("from absl import flags; from benchmarks import step_time; "
             "flags.FLAGS(['x', '--size=accelerator']); "
