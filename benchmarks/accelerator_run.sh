@@ -19,7 +19,9 @@
 # $GECO_DATA_DIR (default gdata/, a git-ignored link to ../shared/data that travels as a
 # copy). Each stage is bounded by `timeout`; their logs are under $OUT. TOTAL_S (500) bounds
 # the whole; SKIP_BENCH=1 runs Figure 5 alone, FIG5_STEPS fixes its length, FIG5_ARGS adds
-# flags to its runs (e.g. FIG5_ARGS=--config.data_on_device=True: batches gathered on the GPU).
+# flags to its runs (e.g. FIG5_ARGS=--config.data_on_device=True: batches gathered on the GPU),
+# BENCH_ARGS to step_time's (e.g. BENCH_ARGS=--torch_compile: the twins under torch.compile
+# too, whose compiles may need a longer BENCH_TIMEOUT_S than its default of 150 s per stage).
 set -u
 OUT=${OUT:-runs/accelerator}
 FIG5_TRAIN_S=${FIG5_TRAIN_S:-90}
@@ -50,13 +52,13 @@ print(jax.devices(), torch.cuda.get_device_name())"
 
 if [ -z "${SKIP_BENCH:-}" ]; then
 BENCH="benchmarks.step_time --size=accelerator --torch_device=cuda --noconfig_xla_flags
-       --seconds=0.5 --rounds=5 --geco_rounds=10 --geco_seconds=0.3 --nolean"
+       --seconds=0.5 --rounds=5 --geco_rounds=10 --geco_seconds=0.3 --nolean ${BENCH_ARGS:-}"
 echo "== step_time: conv VAE, VAE+NVP ($(date -u +%H:%M:%S))"
-timeout -k 10 150 $RUN $BENCH --models=conv_vae,vae_nvp --sections=compare,pipeline \
+timeout -k 10 ${BENCH_TIMEOUT_S:-150} $RUN $BENCH --models=conv_vae,vae_nvp --sections=compare,pipeline \
     --json="$OUT/step_time_gpu.json" > "$OUT/step_time.log" 2>&1
 echo "exit $?"; quiet < "$OUT/step_time.log" | tail -12
 echo "== step_time: ConvDraw ($(date -u +%H:%M:%S))"
-timeout -k 10 150 $RUN $BENCH --models=convdraw --sections=compare \
+timeout -k 10 ${BENCH_TIMEOUT_S:-150} $RUN $BENCH --models=convdraw --sections=compare \
     --json="$OUT/step_time_gpu_convdraw.json" > "$OUT/step_time_convdraw.log" 2>&1
 echo "exit $?"; quiet < "$OUT/step_time_convdraw.log" | tail -8
 fi
