@@ -67,15 +67,31 @@ NUM_MARGINAL = flags.DEFINE_integer(
 
 
 def load_run_config(workdir: str):
-  """The config a run was trained with (``workdir/config.json``)."""
+  """The config a run was trained with (``workdir/config.json``).
+
+  A field the run's config.json lacks (it was added to ``configs/base.py``
+  after the run, e.g. ``data_on_device``) takes its default there, which is
+  what the run did before the field existed.
+  """
   import ml_collections
   from etils import epath
+
+  from configs import base
 
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: is {workdir!r} the workdir of a "
                             "run of experiments.main?")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+  def merged(defaults: dict, stored: dict) -> dict:
+    out = dict(defaults)
+    for key, value in stored.items():
+      out[key] = (merged(out[key], value) if isinstance(value, dict)
+                  and isinstance(out.get(key), dict) else value)
+    return out
+
+  return ml_collections.ConfigDict(
+      merged(base.get_config().to_dict(), json.loads(path.read_text())))
 
 
 def _batches(arrays: dict, batch_size: int):

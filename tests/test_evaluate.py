@@ -59,6 +59,30 @@ def test_evaluate_writes_the_papers_metrics(tiny_run):
   assert result["train_root_mse"] == pytest.approx(result["sigma_star"], rel=1e-6)
 
 
+def test_a_run_older_than_a_config_field_still_evaluates(tiny_run, tmp_path):
+  """config.json written before a field existed: the field takes configs/base.py's default."""
+  import shutil
+
+  from configs import base
+
+  workdir, _ = tiny_run
+  old = tmp_path / "old_run"
+  shutil.copytree(workdir, old)
+  stored = json.loads((old / "config.json").read_text())
+  del stored["data_on_device"], stored["xla_flags"], stored["geco"]["dual"]
+  stored["geco"]["lambda_lr"] = 0.125            # a stored value still wins over the default
+  (old / "config.json").write_text(json.dumps(stored))
+  config = evaluate.load_run_config(str(old))
+  defaults = base.get_config()
+  assert config.data_on_device is defaults.data_on_device is False
+  assert config.xla_flags == defaults.xla_flags
+  assert config.geco.dual == defaults.geco.dual and config.geco.lambda_lr == 0.125
+  assert config.model.to_dict() == stored["model"]
+  assert dict(config.constraints.re) == stored["constraints"]["re"]
+  result = evaluate.evaluate_run(str(old), num_train=64, num_marginal=0)
+  assert result["step"] == 4 and np.isfinite(result["nll"])
+
+
 def test_evaluate_without_a_run_is_one_line_and_status_2(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
