@@ -335,6 +335,63 @@ def test_marginal_kl_of_separated_posteriors_is_average_kl_minus_log_n():
   assert float(loo.kl) < -100
 
 
+def test_marginal_kl_of_posteriors_narrower_than_float32_resolves():
+  # s = e^-25 ~ 1e-11 around means of order 1 (GECO at lambda_max): z = mean
+  # + s eps rounds to the mean in float32, so rescoring z_s under its own
+  # posterior sees eps = 0 and overstates the self term by |eps|^2 / 2, d / 2
+  # on average. The self term from the drawn noise keeps the estimate at the
+  # separated-posterior value, average KL - log N, to Monte Carlo error.
+  n, d = 200, 16
+  mean = np.random.default_rng(5).uniform(-1, 1, (n, d)).astype(np.float32)
+  log_std = np.full((n, d), -25.0, np.float32)
+  average = float(M.average_kl(gaussian_kl(mean, log_std)))
+  result = _gaussian_mkl(mean, log_std, jax.random.key(4))
+  gap = float(result.kl) - (average - math.log(n))
+  assert abs(gap) < 4 * float(result.standard_error) + 0.01, (gap, result)
+  assert float(result.standard_error) < 0.5          # the rescored one is off by d / 2 = 8
+
+
+def test_marginal_kl_own_log_posterior_replaces_the_self_term():
+  n, d, m = 6, 3, 2
+  mean, log_std = _gaussian_set(n, d, 0.3, 1.0, 9)
+  eps = np.random.default_rng(10).normal(size=(n, m, d)).astype(np.float32)
+  samples = (mean[:, None] + np.exp(log_std)[:, None] * eps).reshape(-1, d)
+  owners = np.repeat(np.arange(n), m).astype(np.int32)
+  mean_j, log_std_j = jnp.asarray(mean), jnp.asarray(log_std)
+
+  def log_q(z, j):
+    std = jnp.exp(log_std_j[j])
+    return jnp.sum(-0.5 * jnp.square((z[:, None] - mean_j[j][None]) / std[None])
+                   - log_std_j[j][None] - 0.5 * math.log(2 * math.pi), axis=-1)
+
+  everything = np.asarray(log_q(jnp.asarray(samples), jnp.arange(n)), np.float64)   # [S, N]
+  own = everything[np.arange(n * m), owners]
+  keep = M.marginal_kl(samples, log_q, n, block_size=4)
+  same = M.marginal_kl(samples, log_q, n, block_size=4, leave_out=owners,
+                       own_log_posterior=own.astype(np.float32))
+  np.testing.assert_allclose(float(same.kl), float(keep.kl), rtol=1e-5, atol=1e-5)
+  # A different self term: the estimate is built from it and the other N - 1 terms.
+  shifted = everything.copy()
+  shifted[np.arange(n * m), owners] += 1.5
+  log_prior = np.sum(-0.5 * samples.astype(np.float64) ** 2 - 0.5 * math.log(2 * math.pi),
+                     axis=1)
+  peak = shifted.max(axis=1, keepdims=True)
+  expected = np.mean(peak[:, 0] + np.log(np.exp(shifted - peak).sum(1)) - math.log(n)
+                     - log_prior)
+  moved = M.marginal_kl(samples, log_q, n, block_size=4, leave_out=owners,
+                        own_log_posterior=(own + 1.5).astype(np.float32))
+  np.testing.assert_allclose(float(moved.kl), expected, rtol=1e-5, atol=1e-5)
+  # One posterior: the mixture is the self term alone.
+  single = M.marginal_kl(samples[:m], log_q, 1, leave_out=np.zeros(m, np.int32),
+                         own_log_posterior=own[:m].astype(np.float32))
+  np.testing.assert_allclose(float(single.kl), np.mean(own[:m] - log_prior[:m]),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="own_log_posterior needs leave_out"):
+    M.marginal_kl(samples, log_q, n, own_log_posterior=own)
+  with pytest.raises(ValueError, match="one value per sample"):
+    M.marginal_kl(samples, log_q, n, leave_out=owners, own_log_posterior=own[:3])
+
+
 def _unblocked_log_aggregate(samples, mean, log_std, owners=None):
   """log q_N(z_s) from the whole [S, N] matrix, in float64 NumPy."""
   z, m, ls = (np.asarray(a, np.float64) for a in (samples, mean, log_std))
