@@ -150,23 +150,6 @@ def torch_operations(torch, conv: dict, layout: str) -> dict:
   }
 
 
-def _import_torch():
-  if _TORCH.value == "off":
-    return None
-  try:
-    import torch
-  except ImportError:
-    if _TORCH.value == "on":
-      raise
-    return None
-  return torch
-
-
-def _torch_threads() -> list[int]:
-  return sorted({os.cpu_count() if t == "max" else int(t) for t in _TORCH_THREADS.value},
-                reverse=True)
-
-
 def measure(torch, conv: dict) -> dict:
   """Times every operation of ``conv``: JAX and each torch configuration."""
   import jax
@@ -187,7 +170,7 @@ def measure(torch, conv: dict) -> dict:
       value = torch_fn().permute(*to_jax_axes).contiguous().numpy()
       difference = max(difference, float(np.max(np.abs(value - reference))
                                          / np.max(np.abs(reference))))
-      for threads in _torch_threads():
+      for threads in timing.thread_counts(_TORCH_THREADS.value):
         runners.append(timing.Runner(
             f"{layout}/{threads}t", torch_fn,
             setup=lambda threads=threads: torch.set_num_threads(threads)))
@@ -280,7 +263,7 @@ def main(argv):
   if _PRESET.value not in convdraw.PRESETS:
     raise app.UsageError(f"--preset must be one of {sorted(convdraw.PRESETS)}; "
                          f"got {_PRESET.value!r}.")
-  torch = _import_torch()
+  torch = timing.import_torch(_TORCH.value)
   import jax
 
   machine = {"cpu": platform.processor(), "cores": os.cpu_count(),

@@ -265,22 +265,13 @@ def _matmul_runner() -> tuple[Runner, float]:
 # ------------------------------------------------------------ torch ---
 
 def _import_torch():
-  if _TORCH.value == "off":
-    return None
-  try:
-    import torch
-  except ImportError:
-    if _TORCH.value == "on":
-      raise
-    return None
-  return torch
+  return timing.import_torch(_TORCH.value)
 
 
 def _torch_threads() -> list[int]:
   if _TORCH_DEVICE.value == "cuda":  # one configuration: the host threads do not matter
     return [os.cpu_count()]
-  return sorted({os.cpu_count() if t == "max" else int(t) for t in _TORCH_THREADS.value},
-                reverse=True)
+  return timing.thread_counts(_TORCH_THREADS.value)
 
 
 def _torch_blocking(torch, step: Callable) -> tuple[Callable, Callable]:

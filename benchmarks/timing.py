@@ -1,4 +1,4 @@
-"""Timing shared by the benchmarks: interleaved windows of steps, medians, load."""
+"""Shared by the benchmarks: interleaved timing windows, medians, load, torch settings."""
 
 from __future__ import annotations
 
@@ -67,3 +67,21 @@ def paired_ratio(a: Runner, b: Runner) -> float:
 
 def load() -> list[float]:
   return [round(v, 2) for v in os.getloadavg()]
+
+
+def import_torch(mode: str):
+  """torch for ``--torch=mode``: 'off' None, 'auto' None when it is missing, 'on' required."""
+  if mode == "off":
+    return None
+  try:
+    import torch
+  except ImportError:
+    if mode == "on":
+      raise
+    return None
+  return torch
+
+
+def thread_counts(values: list[str]) -> list[int]:
+  """``--torch_threads`` values ('max' = os.cpu_count()), distinct, largest first."""
+  return sorted({os.cpu_count() if t == "max" else int(t) for t in values}, reverse=True)
