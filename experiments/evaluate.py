@@ -242,9 +242,11 @@ def _convdraw_marginal_kl(model, params, images, rng, batch_size: int = 64,
                           block_size: int = 32):
   """KL(q_N(z_1..T) || p(z_1..T)) of ConvDraw with its learned prior.
 
-  One path z ~ q(z | x_i) per image; log q(z_i | x_j) for all N^2 pairs by
+  One path z ~ q(z | x_i) per image; log q(z_i | x_j) for all pairs j != i by
   teacher forcing (``ConvDraw.pairwise_log_posterior``: the encoder runs
-  once per pair, T steps), log p(z_i) along each path (``log_prior``).
+  once per pair, T steps; the pairs j = i too, but their term comes from the
+  drawn noise, ``ConvDrawTrace.log_posterior``), log p(z_i) along each path
+  (``log_prior``).
   """
   import jax
   import jax.numpy as jnp
@@ -252,24 +254,34 @@ def _convdraw_marginal_kl(model, params, images, rng, batch_size: int = 64,
   from geco_jax import metrics
 
   scorer = model if model.recurrence == "unrolled" else model.clone(recurrence="unrolled")
-  paths = jax.jit(lambda x, key: scorer.apply(params, x, key, method=scorer.trace).latent)
+
+  def path(x, key):
+    trace = scorer.apply(params, x, key, method=scorer.trace)
+    return trace.latent, trace.log_posterior
+
+  paths = jax.jit(path)
   prior = jax.jit(lambda z: scorer.apply(params, z, method=scorer.log_prior))
-  latents, log_priors = [], []
+  latents, owns, log_priors = [], [], []
   for start in range(0, images.shape[0], batch_size):
-    z = paths(images[start:start + batch_size], jax.random.fold_in(rng, start))
+    z, own = paths(images[start:start + batch_size], jax.random.fold_in(rng, start))
     latents.append(z)
+    owns.append(own)
     log_priors.append(prior(z))
-  latent, log_prior = jnp.concatenate(latents), jnp.concatenate(log_priors)
+  latent, own = jnp.concatenate(latents), jnp.concatenate(owns)
+  log_prior = jnp.concatenate(log_priors)
 
   @jax.jit
-  def estimate_fn(latent, log_prior, images):
+  def estimate_fn(latent, own, log_prior, images):
     def log_q(z_block, j_block):
       return scorer.apply(params, z_block, images[j_block],
                           method=scorer.pairwise_log_posterior).T
+    # Each path's own term from its drawn noise (marginal_kl's own_log_posterior).
+    owners = jnp.arange(images.shape[0], dtype=jnp.int32)
     return metrics.marginal_kl(latent, log_q, images.shape[0],
-                               log_prior_fn=lambda z: log_prior, block_size=block_size)
+                               log_prior_fn=lambda z: log_prior, block_size=block_size,
+                               leave_out=owners, own_log_posterior=own)
 
-  return estimate_fn(latent, log_prior, images)
+  return estimate_fn(latent, own, log_prior, images)
 
 
 def _settings(checkpoint: str, kwargs) -> dict[str, Any]:

@@ -551,13 +551,16 @@ def marginal_kl(
   VAENVP, whose exact log q(z|x) is ``log_posterior``, scoring row i of z
   under x[i]::
 
-    z, _ = model.apply(params, images, rng, M, method=model.posterior_samples)
+    z, own = model.apply(params, images, rng, M, method=model.posterior_samples)
     samples = z.reshape(-1, z.shape[-1])                  # [N M, d]
     def log_q(z_block, j_block):                          # [B, d], [J]
       zz = jnp.broadcast_to(z_block, (j_block.shape[0],) + z_block.shape)
       return model.apply(params, zz, images[j_block],
                          method=model.log_posterior).T    # [B, J]
-    marginal_kl(samples, log_q, len(images), leave_out=jnp.repeat(jnp.arange(N), M))
+    owners = jnp.repeat(jnp.arange(N), M)
+    marginal_kl(samples, log_q, N, leave_out=owners,      # keep every term (evaluate's)
+                own_log_posterior=own.reshape(-1))
+    marginal_kl(samples, log_q, N, leave_out=owners)      # leave-one-out
 
   ConvDraw: z is the sequence z_1..T, the posterior q(z|x) =
   prod_t q(z_t | x, z_<t) and the prior p(z) = prod_t p(z_t | z_<t) is
@@ -566,12 +569,14 @@ def marginal_kl(
   ``ConvDraw.pairwise_log_posterior`` runs x_j's encoder on that decoder's
   states, once per pair (T steps each, the cost that dominates)::
 
-    z = model.apply(params, images, rng, method=model.trace).latent   # [N, T, h, w, c]
+    trace = model.apply(params, images, rng, method=model.trace)
+    z = trace.latent                                                  # [N, T, h, w, c]
     log_p = model.apply(params, z, method=model.log_prior)            # [N]
     def log_q(z_block, j_block):                                      # [B, J]
       return model.apply(params, z_block, images[j_block],
                          method=model.pairwise_log_posterior).T
-    marginal_kl(z, log_q, len(images), log_prior_fn=lambda _: log_p, block_size=32)
+    marginal_kl(z, log_q, len(images), log_prior_fn=lambda _: log_p, block_size=32,
+                leave_out=jnp.arange(len(images)), own_log_posterior=trace.log_posterior)
 
   (``experiments.evaluate``). Its posteriors are sharp over a
   [T, H/2, W/2, C] latent, so the estimate sits near its lower bound,

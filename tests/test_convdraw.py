@@ -401,6 +401,9 @@ def test_teacher_forcing_along_the_sampled_path_gives_its_densities(scored_paths
   np.testing.assert_allclose(
       scored_paths["log_prior"],
       _numpy_log_normal(trace.latent, trace.prior_mean, trace.prior_log_std), rtol=1e-5)
+  # The trace's own log q, from the noise each z_t was drawn with, is the same density.
+  assert trace.log_posterior.shape == (3,)
+  np.testing.assert_allclose(trace.log_posterior, scored_paths["log_posterior"], rtol=1e-5)
 
 
 def test_pairwise_scores_are_the_row_by_row_scores_of_every_pair(scored_paths):

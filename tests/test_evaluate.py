@@ -83,6 +83,41 @@ def test_a_run_older_than_a_config_field_still_evaluates(tiny_run, tmp_path):
   assert result["step"] == 4 and np.isfinite(result["nll"])
 
 
+def test_convdraw_marginal_kl_of_posteriors_narrower_than_float32_resolves():
+  """s^q = e^-25 everywhere: the paths never overlap, so the estimate is exactly
+  mean(log q(z_i | x_i) - log p(z_i)) - log N, with log q from the drawn noise."""
+  import jax
+  import jax.numpy as jnp
+
+  from geco_jax.models import ConvDraw
+
+  model = ConvDraw(image_shape=(8, 8, 1), num_steps=2, hidden_channels=8, latent_channels=2,
+                   read_channels=4, kernel_size=3)
+  images = jax.random.uniform(jax.random.PRNGKey(0), (6, 8, 8, 1))
+  params = model.init(jax.random.PRNGKey(1), images, jax.random.PRNGKey(2))
+  posterior = params["params"]["step"]["posterior"]
+  # [mu, log s] = conv(h^enc): log s's output channels get zero weights and bias -25.
+  posterior["kernel"] = posterior["kernel"].at[..., 2:].set(0.0)
+  posterior["bias"] = posterior["bias"].at[2:].set(-25.0)
+  rng = jax.random.PRNGKey(3)
+  estimate = evaluate._convdraw_marginal_kl(   # pylint: disable=protected-access
+      model, params, images, rng, batch_size=4, block_size=4)
+  # The same paths as the estimator's (its batches of 4, keys folded by start).
+  own, log_prior = [], []
+  for start in (0, 4):
+    trace = model.apply(params, images[start:start + 4], jax.random.fold_in(rng, start),
+                        method=model.trace)
+    own.append(trace.log_posterior)
+    log_prior.append(model.apply(params, trace.latent, method=model.log_prior))
+    # Rescoring the path by teacher forcing cannot recover it at this width:
+    # z_t - mu rounds to (nearly) 0, overstating log q by up to |eps|^2 / 2 (d / 2 = 32).
+    rescored = model.apply(params, trace.latent, images[start:start + 4],
+                           method=model.log_posterior)
+    assert np.min(np.asarray(rescored - trace.log_posterior)) > 10
+  expected = float(jnp.mean(jnp.concatenate(own) - jnp.concatenate(log_prior))) - math.log(6)
+  assert float(estimate.kl) == pytest.approx(expected, rel=1e-5)
+
+
 def test_evaluate_without_a_run_is_one_line_and_status_2(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)

@@ -149,6 +149,10 @@ class ConvDrawTrace(NamedTuple):
     latent: z_t ~ q_t, [batch, T, H/2, W/2, latent_channels].
     posterior_mean, posterior_log_std: of q_t, shaped like ``latent``.
     prior_mean, prior_log_std: of p_t, shaped like ``latent``.
+    log_posterior: log q(z_1..T | x) of ``latent``, [batch], from the noise
+      each z_t was drawn with (exact however narrow q is; rescoring the path,
+      ``log_posterior``, recomputes z_t - mu^q_t, which float32 loses when
+      s^q_t is far below mu^q_t's resolution).
   """
 
   reconstruction: jax.Array
@@ -159,6 +163,7 @@ class ConvDrawTrace(NamedTuple):
   posterior_log_std: jax.Array
   prior_mean: jax.Array
   prior_log_std: jax.Array
+  log_posterior: jax.Array
 
 
 class _Zeros(NamedTuple):
@@ -356,9 +361,13 @@ class _ConvDrawStep(nn.Module):
     if x is None:
       outputs = {"latent": z}
     else:
+      # (z_t - mu) / s is the noise itself: log q(z_t | x, z_<t) from it.
+      log_q = jnp.sum((-0.5 * jnp.square(noise) - log_std
+                       - 0.5 * math.log(2.0 * math.pi)).reshape(noise.shape[0], -1), axis=1)
       outputs = {"latent": z, "posterior_mean": mean, "posterior_log_std": log_std,
                  "prior_mean": prior_mean, "prior_log_std": prior_log_std,
-                 "kl": gaussian_kl(mean, log_std, prior_mean, prior_log_std)}
+                 "kl": gaussian_kl(mean, log_std, prior_mean, prior_log_std),
+                 "log_posterior": log_q}
     return (encoder_state, decoder_state, canvas), outputs
 
 
@@ -458,7 +467,8 @@ class _ConvDrawCore(nn.Module):
         kl_per_step=outputs["kl"], latent=outputs["latent"],
         posterior_mean=outputs["posterior_mean"],
         posterior_log_std=outputs["posterior_log_std"],
-        prior_mean=outputs["prior_mean"], prior_log_std=outputs["prior_log_std"])
+        prior_mean=outputs["prior_mean"], prior_log_std=outputs["prior_log_std"],
+        log_posterior=jnp.sum(outputs["log_posterior"], axis=1))
 
   def _generate(self, rng, num_samples, context_encoding):
     canvas, _ = self._run_steps(rng, num_samples, None, context_encoding, jnp.float32)
