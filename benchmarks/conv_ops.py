@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 
 from absl import app
 from absl import flags
@@ -227,7 +226,8 @@ def print_report(results: dict) -> None:
                f" {o['torch_best']:18s} {o['ratio_jax_to_torch_best']:9.2f}"
                f" {o['max_relative_difference']:8.1e}" if "torch_best" in o else ""))
   s = results["summary"]
-  line = f"\nPer training step ({s['calls_per_step']} calls of each): JAX {s['jax_ms_per_step']:.0f} ms"
+  line = (f"\nPer training step ({s['calls_per_step']} calls of each):"
+          f" JAX {s['jax_ms_per_step']:.0f} ms")
   if "torch_best_ms_per_step" in s:
     line += (f", torch best {s['torch_best_ms_per_step']:.0f} ms (JAX/torch speed"
              f" {s['ratio_jax_to_torch']:.2f}); by operation, JAX / torch ms: " + ", ".join(
@@ -266,16 +266,10 @@ def main(argv):
   torch = timing.import_torch(_TORCH.value)
   import jax
 
-  machine = {"cpu": platform.processor(), "cores": os.cpu_count(),
+  machine = {"cpu": timing.cpu_name(), "cores": os.cpu_count(),
              "jax": jax.__version__, "backend": jax.default_backend(),
              "torch": torch.__version__ if torch is not None else None,
              "xla_flags": os.environ.get("XLA_FLAGS", "")}
-  try:
-    with open("/proc/cpuinfo") as f:
-      machine["cpu"] = next(l.split(":", 1)[1].strip() for l in f
-                            if l.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
   results = {"machine": machine, "preset": _PRESET.value, "batch": _BATCH.value,
              "num_steps": convdraw.PRESETS[_PRESET.value]["num_steps"],
              "rounds": _ROUNDS.value, "seconds": _SECONDS.value, "load_start": timing.load(),

@@ -313,7 +313,8 @@ def torch_runner(torch, config, images, layout: str, threads: int,
       device=device, memory_format=memory_format)
   re = config.constraints.re
   step = torch_models.GecoStep(
-      torch.compile(model) if compiled else model, learning_rate=config.optimizer.learning_rate, objective=config.objective,
+      torch.compile(model) if compiled else model,
+      learning_rate=config.optimizer.learning_rate, objective=config.objective,
       tolerance=re.tolerance, lambda_lr=re.get("lambda_lr", config.geco.lambda_lr),
       alpha=config.geco.alpha, lambda_init=config.geco.lambda_init,
       lambda_min=config.geco.lambda_min, lambda_max=config.geco.lambda_max,
@@ -560,13 +561,7 @@ def data_parallel() -> dict:
 def _machine(torch) -> dict:
   import jax
 
-  cpu = platform.processor()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+  return {"cpu": timing.cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
           "jax": jax.__version__, "backend": jax.default_backend(),
           "devices": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
           "torch": torch.__version__ if torch is not None else None,

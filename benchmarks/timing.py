@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import time
 from typing import Callable, Optional
@@ -85,3 +86,12 @@ def import_torch(mode: str):
 def thread_counts(values: list[str]) -> list[int]:
   """``--torch_threads`` values ('max' = os.cpu_count()), distinct, largest first."""
   return sorted({os.cpu_count() if t == "max" else int(t) for t in values}, reverse=True)
+
+
+def cpu_name() -> str:
+  """The CPU's model name (/proc/cpuinfo), else ``platform.processor()``."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor()

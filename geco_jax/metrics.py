@@ -601,9 +601,10 @@ def marginal_kl(
       resolves (s ~ 1e-11 around means of order 1, seen with GECO's
       multiplier at lambda_max), rescoring z_s recovers neither z_s - mean
       (a diagonal Gaussian's self term then comes out about d / 2 nats too
-      high) nor a flow's inverse (VAE+NVP's came out 1e14 nats or more too
-      low), and the self term is the one that matters for such posteriors;
-      the values from sampling use the drawn noise itself and stay exact.
+      high) nor a flow's inverse (a VAE+NVP's came out too low by 5e14
+      nats, the median over 200 images of one such run), and the self term
+      is the one that matters for such posteriors; the values from sampling
+      use the drawn noise itself and stay exact.
 
   Returns:
     ``MarginalKL(kl, standard_error)``, scalars, nats.
