@@ -25,5 +25,8 @@ def get_config(arg=None):
   config.constraints.fre.tolerance = 0.6
   config.constraints.fre.features = "classifier"
   config.constraints.fre.classifier = "runs/cifar10_classifier/classifier"
-  config.constraints.fre.lambda_lr = 1e-2    # F = 256 features, not 3072 pixels
+  # C starts near 300 (256 features, squared errors near 1 each against a
+  # tolerance of 0.6^2), the size of RE's over 3072 pixels: the same step.
+  # (1e-2 here sent lambda to lambda_max = 1e10 within 10 steps.)
+  config.constraints.fre.lambda_lr = 1e-4
   return config
