@@ -28,6 +28,12 @@ Reads the run's ``config.json`` and its newest checkpoint (or the
   same over the training images of sigma* (sigma* itself, unclamped), the
   data on which GECO enforces its constraints.
 
+With ``--measure_with=<config file>``, the constraints of that config
+(its ``config.constraints``, tolerances included) are also measured on the
+test split, as ``measured_constraints`` (mean C per constraint, in the same
+units as ``constraints``; <= 0: met): e.g. the pNCC or FRE of a model trained
+under RE, for comparing constraints on one scale.
+
 One z per example throughout. Image grids (data, reconstructions, prior
 samples) are written as PNGs beside eval.json.
 """
@@ -43,6 +49,7 @@ from typing import Any, Optional
 import numpy as np
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
 from experiments import cli
 
@@ -58,6 +65,11 @@ CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", ["latest", "best_feasible
 NUM_TRAIN = flags.DEFINE_integer("num_train", 10000,
                                   "Training examples used to refit sigma* (0: all).")
 NUM_TEST = flags.DEFINE_integer("num_test", 0, "Test examples to evaluate (0: all).")
+MEASURE_WITH = config_flags.DEFINE_config_file(
+    "measure_with", None,
+    "A config file whose constraints (config.constraints) are measured on the test "
+    "split besides the run's own, e.g. configs/convdraw_cifar10_pncc.py; reported "
+    "as measured_constraints.", lock_config=True)
 NUM_MARGINAL = flags.DEFINE_integer(
     "num_marginal", None,
     "Test examples of the aggregate posterior (marginal KL); 0: no marginal KL. "
@@ -108,15 +120,33 @@ def _batches(arrays: dict, batch_size: int):
 
 def evaluate_state(experiment, state, *, num_train: Optional[int] = None,
                    num_test: Optional[int] = None, num_marginal: Optional[int] = None,
+                   measure_constraints: Optional[dict] = None,
                    seed: int = 0) -> dict[str, Any]:
-  """The paper's metrics of ``state`` (see the module docstring)."""
+  """The paper's metrics of ``state`` (see the module docstring).
+
+  ``measure_constraints``: a ``config.constraints`` section (as a dict) whose
+  constraints are measured on the test split too (``measured_constraints``).
+
+  Raises:
+    setup.ConfigError: ``measure_constraints`` is not a valid constraints
+      section for this run (unknown name, bad tolerance, missing classifier).
+  """
   import jax
   import jax.numpy as jnp
+  import ml_collections
 
   from experiments import setup
   from geco_jax import metrics
 
   model, config = experiment.model, experiment.config
+  measure_fn = None
+  if measure_constraints is not None:
+    measured_config = ml_collections.ConfigDict(config.to_dict())
+    measured_config.constraints = ml_collections.ConfigDict(measure_constraints)
+    setup.require(len(measured_config.constraints) >= 1,
+                  "--measure_with: that config has no constraints to measure.")
+    setup.validate_config(measured_config)
+    measure_fn = setup.make_constraint_fn(measured_config)
   params = jax.device_get(state.params)
   batch_size = config.batch_size
   rng = jax.random.PRNGKey(seed)
@@ -137,7 +167,9 @@ def evaluate_state(experiment, state, *, num_train: Optional[int] = None,
                 batch["image"], output.reconstruction, sigma)["rmse"],
             "squared_error": jnp.sum(jnp.square(batch["image"] - output.reconstruction)
                                      .reshape(batch["image"].shape[0], -1), axis=1),
-            **{f"constraint/{k}": v for k, v in constraints.items()}}
+            **{f"constraint/{k}": v for k, v in constraints.items()},
+            **({f"measured/{k}": v for k, v in measure_fn(batch, output).items()}
+               if measure_fn else {})}
 
   def cut(split, count):
     arrays = experiment.data[split]
@@ -172,10 +204,14 @@ def evaluate_state(experiment, state, *, num_train: Optional[int] = None,
       "average_kl": means.pop("kl"),
       "rmse": means.pop("rmse"),
       "mse": means.pop("squared_error") / num_dims,
-      "constraints": {k[len("constraint/"):]: v for k, v in means.items()},
+      "constraints": {k[len("constraint/"):]: v for k, v in means.items()
+                      if k.startswith("constraint/")},
       "num_train_for_sigma": len(train["image"]),
       "num_test": num,
   }
+  if measure_fn:
+    result["measured_constraints"] = {k[len("measured/"):]: v for k, v in means.items()
+                                      if k.startswith("measured/")}
   result["root_mse"] = math.sqrt(result["mse"])
   result["nll_bits_per_dim"] = result["nll"] / (num_dims * math.log(2.0))
   latent_size = getattr(model, "latent_size", None)
@@ -344,15 +380,30 @@ def evaluate_run(workdir: str, checkpoint: str = "latest", **kwargs) -> dict[str
   return result
 
 
+def _measure_constraints() -> Optional[dict]:
+  """``--measure_with``'s constraints section, or one line and status 2."""
+  config = MEASURE_WITH.value
+  if config is None:
+    return None
+  try:   # config_flags defers a load failure (missing file, broken module) to here
+    return config.constraints.to_dict()
+  except Exception as e:  # pylint: disable=broad-except
+    cli.fail(f"could not load the constraints of --measure_with: {type(e).__name__}: "
+             + " ".join(str(e.__cause__ or e).split()))
+
+
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   from experiments import setup
   cli.quiet_library_logs()
   try:
-    result = evaluate_run(cli.WORKDIR.value, CHECKPOINT.value,
-                          num_train=NUM_TRAIN.value, num_test=NUM_TEST.value,
-                          num_marginal=NUM_MARGINAL.value)
+    kwargs = dict(num_train=NUM_TRAIN.value, num_test=NUM_TEST.value,
+                  num_marginal=NUM_MARGINAL.value)
+    measure = _measure_constraints()
+    if measure is not None:
+      kwargs["measure_constraints"] = measure
+    result = evaluate_run(cli.WORKDIR.value, CHECKPOINT.value, **kwargs)
   except (FileNotFoundError, setup.ConfigError) as e:
     cli.fail(" ".join(str(e).split()))
   print("eval: " + json.dumps(result, sort_keys=True), flush=True)

@@ -118,6 +118,45 @@ def test_convdraw_marginal_kl_of_posteriors_narrower_than_float32_resolves():
   assert float(estimate.kl) == pytest.approx(expected, rel=1e-5)
 
 
+def test_evaluate_measures_another_configs_constraints(tiny_run):
+  """--measure_with: constraints a run was not trained under, on the same test pass."""
+  from experiments import setup
+
+  workdir, _ = tiny_run
+  measure = {"re": {"tolerance": 0.2}, "pncc": {"tolerance": 0.5, "patch_size": 3}}
+  result = evaluate.evaluate_run(str(workdir), num_train=64, num_marginal=0,
+                                 measure_constraints=measure)
+  assert result["settings"]["measure_constraints"] == measure
+  assert set(result["constraints"]) == {"re"}            # the run's own, unchanged
+  assert set(result["measured_constraints"]) == {"re", "pncc"}
+  # The same reconstructions as the run's own RE: D (mse - kappa^2) at either tolerance.
+  assert result["measured_constraints"]["re"] == pytest.approx(
+      256 * (result["mse"] - 0.2 ** 2), rel=1e-4, abs=1e-4)
+  assert result["measured_constraints"]["re"] == pytest.approx(
+      result["constraints"]["re"] - 256 * (0.2 ** 2 - 0.1 ** 2), rel=1e-4, abs=1e-4)
+  # pNCC = kappa - mean correlation, a correlation in [-1, 1].
+  assert -0.5 <= result["measured_constraints"]["pncc"] <= 1.5
+  # A stored evaluation is reused only with the same measured constraints.
+  assert evaluate.stored_evaluation(str(workdir), 4, num_train=64, num_marginal=0) is None
+  assert evaluate.stored_evaluation(str(workdir), 4, num_train=64, num_marginal=0,
+                                    measure_constraints=measure) == result
+  with pytest.raises(setup.ConfigError, match="constraints.re.tolerance"):
+    evaluate.evaluate_run(str(workdir), num_train=64, num_marginal=0,
+                          measure_constraints={"re": {"tolerance": -1.0}})
+
+
+def test_measure_with_a_missing_config_is_one_line_and_status_2(tiny_run):
+  workdir, _ = tiny_run
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--workdir",
+                           str(workdir), "--measure_with=configs/no_such_config.py"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "no_such_config.py" in lines[0], result.stderr[-2000:]
+
+
 def test_evaluate_without_a_run_is_one_line_and_status_2(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
