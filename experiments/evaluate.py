@@ -118,6 +118,20 @@ def _batches(arrays: dict, batch_size: int):
     yield batch, n
 
 
+def _measured_config(config, measure_constraints: dict):
+  """The run's config with ``measure_constraints`` as its constraints, validated."""
+  import ml_collections
+
+  from experiments import setup
+
+  measured = ml_collections.ConfigDict(config.to_dict())
+  measured.constraints = ml_collections.ConfigDict(measure_constraints)
+  setup.require(len(measured.constraints) >= 1,
+                "--measure_with: that config has no constraints to measure.")
+  setup.validate_config(measured)
+  return measured
+
+
 def evaluate_state(experiment, state, *, num_train: Optional[int] = None,
                    num_test: Optional[int] = None, num_marginal: Optional[int] = None,
                    measure_constraints: Optional[dict] = None,
@@ -133,7 +147,6 @@ def evaluate_state(experiment, state, *, num_train: Optional[int] = None,
   """
   import jax
   import jax.numpy as jnp
-  import ml_collections
 
   from experiments import setup
   from geco_jax import metrics
@@ -141,12 +154,7 @@ def evaluate_state(experiment, state, *, num_train: Optional[int] = None,
   model, config = experiment.model, experiment.config
   measure_fn = None
   if measure_constraints is not None:
-    measured_config = ml_collections.ConfigDict(config.to_dict())
-    measured_config.constraints = ml_collections.ConfigDict(measure_constraints)
-    setup.require(len(measured_config.constraints) >= 1,
-                  "--measure_with: that config has no constraints to measure.")
-    setup.validate_config(measured_config)
-    measure_fn = setup.make_constraint_fn(measured_config)
+    measure_fn = setup.make_constraint_fn(_measured_config(config, measure_constraints))
   params = jax.device_get(state.params)
   batch_size = config.batch_size
   rng = jax.random.PRNGKey(seed)
@@ -344,6 +352,8 @@ def stored_evaluation(workdir: str, step: int, checkpoint: str = "latest",
 def evaluate_run(workdir: str, checkpoint: str = "latest", **kwargs) -> dict[str, Any]:
   """Restore a run's checkpoint and write ``eval.json`` (+ PNG grids) into it."""
   config = load_run_config(workdir)  # first: a wrong workdir fails fast
+  if kwargs.get("measure_constraints") is not None:   # and bad constraints, before any work
+    _measured_config(config, kwargs["measure_constraints"])
   cli.apply_xla_flags(config)
   import jax
   import matplotlib
