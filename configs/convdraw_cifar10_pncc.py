@@ -14,7 +14,7 @@ Tolerance 0.8: about what a 4x4 box blur of a test image scores (measured on
 500 test images of shared/data's cifar10.npz: 0.82 for the 4x4 blur, 0.89 for
 a 2x2 blur, 0.86 for Gaussian noise of std 0.05, 0.05 between unrelated
 images). The constraint is a correlation in [-1, 1], not a sum over pixels
-(RE's C starts in the hundreds, this one near 0.5), so its multiplier's step
+(RE's C starts in the hundreds, this one near 0.8), so its multiplier's step
 is larger than RE's: about the same change of log lambda per step.
 
 1500 steps on the 2-core CPU, beside the ELBO and RE under the same budget:
