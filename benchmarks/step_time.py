@@ -115,6 +115,11 @@ _GECO_SECONDS = flags.DEFINE_float("geco_seconds", 0.5, "Window length of those 
 _LEAN = flags.DEFINE_bool("lean", True, "Also time the diagnostic lean JAX step.")
 _RECURRENCE = flags.DEFINE_string("convdraw_recurrence", None,
                                   "ConvDraw's recurrence form (default: the preset's).")
+_CONVOLUTIONS = flags.DEFINE_list(
+    "convdraw_convolutions", [],
+    "ConvDraw's convolutions (geco_jax.models.convdraw.CONVOLUTIONS: xla, onednn). The "
+    "first replaces the config's in every section; in 'compare', each further one is "
+    "timed as one more JAX runner in the same rounds (e.g. 'xla,onednn').")
 _DP_MODEL = flags.DEFINE_string("dp_model", "conv_vae", "Model of the data_parallel section.")
 _DP_DEVICES = flags.DEFINE_list("dp_devices", ["1", "2", "4", "8"], "Device counts.")
 _DP_CHILD = flags.DEFINE_bool("data_parallel_child", False,
@@ -156,6 +161,8 @@ def _config(name: str, batch_size: Optional[int] = None, objective: str = "geco"
   config.objective = objective
   if name == "convdraw" and _RECURRENCE.value:
     model_overrides.setdefault("recurrence", _RECURRENCE.value)
+  if name == "convdraw" and _CONVOLUTIONS.value:
+    model_overrides.setdefault("convolutions", _CONVOLUTIONS.value[0])
   for key, value in model_overrides.items():
     config.model[key] = value
   return config
@@ -373,6 +380,12 @@ def compare(torch, images, devices, models) -> dict:
     jax_geco, jax_elbo = geco.runner("jax geco"), elbo.runner("jax elbo")
     lean = LeanJaxStep(config, images, devices) if _LEAN.value else None
     lean_runners = [lean.runner("jax lean")] if lean else []
+    variants = {}   # ConvDraw's further --convdraw_convolutions, each one more JAX runner
+    if name == "convdraw":
+      for convolutions in _CONVOLUTIONS.value[1:]:
+        variant = JaxStep(_config(name, convolutions=convolutions), images, devices)
+        variants[convolutions] = (variant, variant.runner(f"jax geco {convolutions}"))
+    variant_runners = [runner for _, runner in variants.values()]
     torch_runners = []
     if torch is not None:
       count = _torch_parameter_count(torch, config, images)
@@ -386,8 +399,8 @@ def compare(torch, images, devices, models) -> dict:
       compiled_runners = [torch_runner(torch, config, images, layout, threads, compiled=True)
                           for threads in _torch_threads() for layout in _TORCH_LAYOUTS.value]
     matmul.rates = []
-    _interleave([jax_geco, *torch_runners, *compiled_runners, jax_elbo, *lean_runners, matmul],
-                _ROUNDS.value, _SECONDS.value)
+    _interleave([jax_geco, *variant_runners, *torch_runners, *compiled_runners, jax_elbo,
+                 *lean_runners, matmul], _ROUNDS.value, _SECONDS.value)
     peak = matmul.median * matmul_flops
     # GECO's overhead is a few percent at most: many short GECO / ELBO window
     # pairs give its paired ratio a smaller spread than the rounds above.
@@ -448,6 +461,16 @@ def compare(torch, images, devices, models) -> dict:
       if torch_runners:
         eager = max(torch_runners, key=lambda r: r.median)
         entry["ratio_torch_compiled_to_eager_best"] = _paired_ratio(best, eager)
+    if variants:
+      best = max(torch_runners, key=lambda r: r.median) if torch_runners else None
+      entry["convolutions"] = config.model.get("convolutions", "xla")
+      entry["jax_variants"] = {
+          convolutions: {
+              "steps_per_s": runner.median, "windows": runner.rates,
+              "compile_s": step.compile_s,
+              "ratio_to_jax": _paired_ratio(runner, jax_geco),
+              **({"ratio_to_torch_best": _paired_ratio(runner, best)} if best else {})}
+          for convolutions, (step, runner) in variants.items()}
     entry["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     results[name] = entry
   return results
@@ -609,6 +632,12 @@ def print_report(results: dict) -> None:
               + (f"; JAX lean step {e['jax_lean_steps_per_s']:.2f} (trainer extras"
                  f" {e['trainer_extras_overhead']:+.1%})" if "jax_lean_steps_per_s" in e else "")
               + f"; XLA_FLAGS={e.get('xla_flags', '')!r}")
+      for convolutions, v in e.get("jax_variants", {}).items():
+        print(f"  {name}: JAX with convolutions={convolutions!r} {v['steps_per_s']:.2f}"
+              f" (compile {v['compile_s']:.1f} s); / JAX with {e['convolutions']!r}"
+              f" {v['ratio_to_jax']:.3f}"
+              + (f"; / torch best {v['ratio_to_torch_best']:.2f}"
+                 if "ratio_to_torch_best" in v else ""))
       if "torch_compiled" in e:
         print(f"  {name}: torch.compile " + ", ".join(
             f"{k} {v['steps_per_s']:.2f} (compile {v['compile_s']:.1f} s)"

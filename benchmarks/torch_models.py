@@ -197,11 +197,16 @@ class ConvDraw(nn.Module):
 
   ``forward(x, noise)`` -> (sigmoid(canvas_T), kl summed over steps); noise is
   [T, batch, latent_channels, H/2, W/2], drawn here when not given.
+  ``recurrence`` and ``convolutions`` are the Flax model's choices of how to
+  compute the same function; they are accepted (so one config builds both)
+  and mean nothing here.
   """
 
   def __init__(self, image_shape: Sequence[int] = (28, 28, 1), num_steps: int = 8,
                hidden_channels: int = 32, latent_channels: int = 8,
-               read_channels: int = 16, kernel_size: int = 3):
+               read_channels: int = 16, kernel_size: int = 3,
+               recurrence: str = "unrolled", convolutions: str = "xla"):
+    del recurrence, convolutions
     super().__init__()
     self.image_shape = tuple(image_shape)
     self.num_steps = num_steps

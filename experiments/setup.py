@@ -38,6 +38,7 @@ from geco_jax.models import VAENVP
 from geco_jax.models import VAEOutput
 from geco_jax.models import convdraw as convdraw_lib
 from geco_jax.models import vae_nvp as vae_nvp_lib
+from geco_jax.ops import onednn
 
 # Image datasets (the 2-D mixtures are for geco_jax.theory, not for VAEs).
 SOURCES = {name: sources for name, sources in DATASET_SOURCES.items()
@@ -177,6 +178,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   require(model.name in MODELS,
           f"config.model.name must be one of {MODELS}; got {model.name!r}.")
   model_kwargs(config, (28, 28, 1))  # names and presets; shapes in check_data
+  if model.name in ("convdraw", "conditional_convdraw") and "convolutions" in model:
+    require(model.convolutions in convdraw_lib.CONVOLUTIONS,
+            f"config.model.convolutions must be one of {convdraw_lib.CONVOLUTIONS}; "
+            f"got {model.convolutions!r}.")
+    if model.convolutions == "onednn":
+      try:
+        onednn.check_installed()   # JAX's backend is checked in check_data
+      except onednn.OneDNNUnavailable as e:
+        raise ConfigError(f"config.model.convolutions='onednn': {e}") from e
   if model.name == "conv_vae":
     for name in ("latent_size", "hidden_size"):
       if name in model:
@@ -320,6 +330,11 @@ def check_data(config: ml_collections.ConfigDict, data: dict) -> None:
   require(config.batch_size % devices == 0,
           f"config.batch_size ({config.batch_size}) must be divisible by the number of "
           f"devices ({devices}): the global batch is split evenly over them.")
+  if config.model.get("convolutions") == "onednn":
+    try:
+      onednn.require()   # the CPU backend, and the handlers built
+    except onednn.OneDNNUnavailable as e:
+      raise ConfigError(f"config.model.convolutions='onednn': {e}") from e
   height, width = train["image"].shape[1:3]
   multiple = 2 if config.model.name in ("convdraw", "conditional_convdraw") else 4
   require(height % multiple == 0 and width % multiple == 0,
@@ -346,8 +361,14 @@ def check_data(config: ml_collections.ConfigDict, data: dict) -> None:
 # Workdir ------------------------------------------------------------------- #
 
 def _run_identity(config: dict) -> dict[str, Any]:
-  """What a run's checkpoints are tied to: the fields that shape its state."""
-  return {"model": config.get("model"),
+  """What a run's checkpoints are tied to: the fields that shape its state.
+
+  Not ``model.convolutions``: XLA's and oneDNN's convolutions share the parameters.
+  """
+  model = config.get("model")
+  if isinstance(model, dict):
+    model = {k: v for k, v in model.items() if k != "convolutions"}
+  return {"model": model,
           "dataset.name": (config.get("dataset") or {}).get("name"),
           "dataset.image_size": (config.get("dataset") or {}).get("image_size"),
           "objective": config.get("objective"),

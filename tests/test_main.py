@@ -47,6 +47,8 @@ def _summary(result) -> dict:
     (["--config", "configs/convdraw_mnist_sum.py", "--config.model.name=convdraw"],
      "(context, target)"),
     (["--config", "configs/convdraw_mnist.py:huge"], "accelerator"),
+    (["--config", "configs/convdraw_mnist.py", "--config.model.convolutions=cudnn"],
+     "convolutions must be one of"),
     (["--config", "configs/default.py", "--config.batch_size=30000"], "batch_size"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path, args, message):

@@ -1,0 +1,226 @@
+r"""oneDNN convolutions for XLA:CPU, run on XLA's own thread pool (optional).
+
+``conv2d_same(x, w)`` equals
+
+  jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+in value and gradients (to float rounding), computed by oneDNN, the library
+behind PyTorch's CPU convolutions, through three XLA FFI custom calls:
+forward y = x * w, backward data dx = dy *^T w and backward weights
+dw = x^T * dy. It is what ConvDraw's ``convolutions='onednn'`` uses; on the
+project's 2-core CPU it made ConvDraw's training step 6-10% faster than
+XLA's own convolutions (docs/performance.md, lever 32).
+
+How it runs: each call splits its batch into one chunk per thread of XLA's
+intra-op pool, runs every chunk as a single-threaded oneDNN primitive in a
+task on that pool, and returns to XLA at once (an asynchronous FFI handler),
+so no thread competes with XLA's. (oneDNN with its own threads was faster
+alone but slowed the whole step: lever 31.) The kernel gradient sums the
+chunks' partial gradients, so its rounding differs from XLA's.
+
+Requirements (``pip install 'geco-jax[onednn]'``):
+- oneDNN's OpenMP build and headers from PyPI: ``onednn-cpu-gomp`` and
+  ``onednn-devel-cpu-gomp`` (oneDNN 3.2; they install ``lib/libdnnl.so`` and
+  ``include/`` under the environment's prefix; ``$GECO_ONEDNN_ROOT`` points
+  elsewhere);
+- a C++17 compiler (``$CXX``, default ``g++``): the handlers are compiled at
+  first use against jaxlib's FFI headers and cached in
+  ``$GECO_JAX_CACHE`` (default ``~/.cache/geco_jax``), one build per source,
+  jaxlib version and oneDNN;
+- the CPU backend, float32, stride 1, SAME padding.
+
+``available()`` says whether all of that is there, and why not;
+``require()`` raises ``OneDNNUnavailable`` with that reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import site
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["OneDNNUnavailable", "available", "check_installed", "conv2d_same", "onednn_root",
+           "require"]
+
+PACKAGES = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")
+_SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
+_TARGETS = {
+    "forward": "GecoOnednnConvForward",
+    "backward_data": "GecoOnednnConvBackwardData",
+    "backward_weights": "GecoOnednnConvBackwardWeights",
+}
+_INSTALL_HINT = ("install it with `pip install -e '.[onednn]'` (the PyPI packages "
+                 f"{' and '.join(PACKAGES)}), or set GECO_ONEDNN_ROOT to a oneDNN "
+                 "install with include/ and lib/")
+
+
+class OneDNNUnavailable(RuntimeError):
+  """oneDNN convolutions cannot run here; the message says why."""
+
+
+def _candidate_roots() -> list[pathlib.Path]:
+  if os.environ.get("GECO_ONEDNN_ROOT"):
+    return [pathlib.Path(os.environ["GECO_ONEDNN_ROOT"])]
+  roots = [sysconfig.get_paths().get("data"), sys.prefix, getattr(site, "USER_BASE", None)]
+  seen, out = set(), []
+  for root in roots:
+    if root and root not in seen:
+      seen.add(root)
+      out.append(pathlib.Path(root))
+  return out
+
+
+def onednn_root() -> pathlib.Path:
+  """The oneDNN install used: where ``include/oneapi/dnnl/dnnl.hpp`` and ``lib/libdnnl.so`` are."""
+  tried = []
+  for root in _candidate_roots():
+    if ((root / "include" / "oneapi" / "dnnl" / "dnnl.hpp").is_file()
+        and (root / "lib" / "libdnnl.so").exists()):
+      return root
+    tried.append(str(root))
+  raise OneDNNUnavailable(
+      f"oneDNN (headers and libdnnl.so) not found under {', '.join(tried)}: {_INSTALL_HINT}.")
+
+
+def _cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("GECO_JAX_CACHE")
+                      or pathlib.Path.home() / ".cache" / "geco_jax")
+
+
+def _compiler() -> str:
+  compiler = os.environ.get("CXX", "g++")
+  if shutil.which(compiler) is None:
+    raise OneDNNUnavailable(
+        f"no C++ compiler {compiler!r} on PATH to build geco_jax's oneDNN handlers "
+        "(set CXX to a C++17 compiler).")
+  return compiler
+
+
+def check_installed() -> pathlib.Path:
+  """oneDNN's root if oneDNN and a compiler are installed, else ``OneDNNUnavailable``.
+
+  Does not start JAX (configs are checked with it before XLA's flags are set);
+  ``require()`` checks the rest.
+  """
+  root = onednn_root()
+  _compiler()
+  return root
+
+
+def _build(root: pathlib.Path) -> pathlib.Path:
+  """The compiled handlers for this source, jaxlib and oneDNN; built once, then cached."""
+  import jaxlib  # noqa: PLC0415 (only here: the build depends on jaxlib's version)
+
+  compiler = _compiler()
+  include = jax.ffi.include_dir()
+  digest = hashlib.sha256()
+  for part in (_SOURCE.read_bytes(), jaxlib.__version__.encode(), str(include).encode(),
+               str(root.resolve()).encode(), compiler.encode()):
+    digest.update(part)
+  target = _cache_dir() / f"onednn_conv-{digest.hexdigest()[:16]}.so"
+  if target.exists():
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  lib = root / "lib"
+  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    built = pathlib.Path(tmp) / target.name
+    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+               str(_SOURCE), "-o", str(built), f"-I{root / 'include'}", f"-I{include}",
+               f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+      raise OneDNNUnavailable(
+          f"building geco_jax's oneDNN handlers failed ({' '.join(command)}):\n"
+          f"{result.stderr[-4000:]}")
+    os.replace(built, target)   # atomic: a concurrent build leaves one whole file
+  return target
+
+
+_lock = threading.Lock()
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+  """Build (or find) the handlers, load them and register the FFI targets; once."""
+  with _lock:
+    path = _build(check_installed())
+    try:
+      library = ctypes.CDLL(str(path))
+    except OSError as e:
+      raise OneDNNUnavailable(f"loading {path} failed: {e}") from e
+    for symbol in _TARGETS.values():
+      jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(library, symbol)),
+                                  platform="cpu")
+    return library
+
+
+def available() -> tuple[bool, str]:
+  """(True, oneDNN's version) if ``conv2d_same`` can run here, else (False, why not)."""
+  try:
+    require()
+  except OneDNNUnavailable as e:
+    return False, str(e)
+  version = _library().GecoOnednnVersion()
+  return True, f"oneDNN {version // 10000}.{version // 100 % 100}.{version % 100}"
+
+
+def require() -> None:
+  """Raise ``OneDNNUnavailable`` unless oneDNN convolutions can run (builds them once)."""
+  if jax.default_backend() != "cpu":
+    raise OneDNNUnavailable(
+        f"oneDNN convolutions run on XLA:CPU only; JAX's default backend here is "
+        f"{jax.default_backend()!r} (use XLA's convolutions there).")
+  _library()
+
+
+def _ffi(op: str, shape, a, b):
+  return jax.ffi.ffi_call(_TARGETS[op], jax.ShapeDtypeStruct(shape, jnp.float32),
+                          vmap_method="sequential")(a, b)
+
+
+@jax.custom_vjp
+def _conv(x, w):
+  return _ffi("forward", (*x.shape[:3], w.shape[3]), x, w)
+
+
+def _conv_fwd(x, w):
+  return _conv(x, w), (x, w)
+
+
+def _conv_bwd(residuals, dy):
+  x, w = residuals
+  return (_ffi("backward_data", x.shape, dy, w),
+          _ffi("backward_weights", w.shape, x, dy))
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv2d_same(x: jax.Array, w: jax.Array) -> jax.Array:
+  """NHWC ``x`` [n, h, w, c] convolved with HWIO ``w`` [kh, kw, c, f], stride 1, SAME.
+
+  Differentiable in both arguments. Raises ``OneDNNUnavailable`` (see
+  ``available()``) and ``ValueError`` for inputs it does not take.
+  """
+  require()
+  if x.ndim != 4 or w.ndim != 4 or x.shape[3] != w.shape[2]:
+    raise ValueError(
+        f"conv2d_same takes x [n, h, w, c] and w [kh, kw, c, f]; got x {x.shape}, "
+        f"w {w.shape}.")
+  if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+    raise ValueError(f"conv2d_same takes float32; got x {x.dtype}, w {w.dtype} (XLA's "
+                     "convolutions take the others).")
+  return _conv(x, w)

@@ -1,0 +1,206 @@
+"""oneDNN convolutions on XLA:CPU's pool (geco_jax.ops.onednn) and ConvDraw's use of them.
+
+The values are checked against XLA's own convolution, and XLA's against a
+direct sum over the kernel's taps (first principles), for shapes that split
+unevenly over the pool's threads. Without oneDNN (the `onednn` extra) or a
+C++ compiler these tests skip, unless GECO_REQUIRE_ONEDNN=1 (CI sets it),
+which turns the skip into a failure.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import convdraw_mnist
+from experiments import setup
+from geco_jax.models import ConvDraw
+from geco_jax.models import convdraw_preset
+from geco_jax.ops import onednn
+
+
+@pytest.fixture(scope="module")
+def require_onednn():
+  ok, why = onednn.available()
+  if not ok:
+    if os.environ.get("GECO_REQUIRE_ONEDNN") == "1":
+      pytest.fail(f"GECO_REQUIRE_ONEDNN=1, but oneDNN is unavailable: {why}")
+    pytest.skip(f"oneDNN unavailable: {why}")
+  return why
+
+
+def _xla_conv(x, w):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _taps_conv(x, w):
+  """SAME stride-1 convolution as a sum over the kernel's taps (numpy, float64)."""
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  kh, kw = w.shape[:2]
+  n, h, wd, _ = x.shape
+  padded = np.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
+  out = np.zeros((n, h, wd, w.shape[3]))
+  for i in range(kh):
+    for j in range(kw):
+      out += padded[:, i:i + h, j:j + wd, :] @ w[i, j]
+  return out
+
+
+# (batch, height, width, in channels, out channels, kh, kw): odd batches split
+# unevenly over the pool's threads; batch 1 is one chunk; even and non-square
+# kernels pad unevenly; 80 -> 128 is ConvDraw's encoder gate convolution.
+SHAPES = [(32, 14, 14, 80, 128, 3, 3), (5, 7, 9, 3, 4, 1, 3), (3, 6, 5, 2, 7, 5, 2),
+          (1, 4, 4, 16, 16, 3, 3), (7, 8, 8, 40, 24, 4, 4)]
+
+
+def _arrays(shape):
+  n, h, wd, c, f, kh, kw = shape
+  keys = jax.random.split(jax.random.PRNGKey(sum(shape)), 3)
+  return (jax.random.normal(keys[0], (n, h, wd, c)), jax.random.normal(keys[1], (kh, kw, c, f)),
+          jax.random.normal(keys[2], (n, h, wd, f)))
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_values_and_gradients_equal_xlas(require_onednn, shape):
+  x, w, dy = _arrays(shape)
+  assert _rel(_taps_conv(x, w), _xla_conv(x, w)) < 1e-5   # the reference itself
+  results = []
+  for conv in (_xla_conv, jax.jit(onednn.conv2d_same)):
+    y, vjp = jax.vjp(conv, x, w)
+    results.append((y, *vjp(dy)))
+  for name, a, b in zip(("value", "input gradient", "kernel gradient"), *results):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert _rel(a, b) < 1e-5, name
+
+
+def test_many_calls_in_one_program(require_onednn):
+  """Independent calls run concurrently on XLA's pool; each result must be its own."""
+  x, w, _ = _arrays((6, 8, 8, 16, 32, 3, 3))
+  scales = jnp.arange(1.0, 9.0)
+
+  def many(conv):
+    return jnp.stack([conv(x * s, w) for s in scales])
+
+  assert _rel(many(_xla_conv), jax.jit(lambda: many(onednn.conv2d_same))()) < 1e-5
+
+
+def test_vmap(require_onednn):
+  x, w, _ = _arrays((4, 6, 6, 3, 5, 3, 3))
+  xs = jnp.stack([x, 2 * x])
+  assert _rel(jax.vmap(_xla_conv, (0, None))(xs, w),
+              jax.vmap(onednn.conv2d_same, (0, None))(xs, w)) < 1e-5
+
+
+def test_bad_inputs_are_rejected(require_onednn):
+  x, w, _ = _arrays((2, 4, 4, 3, 5, 3, 3))
+  with pytest.raises(ValueError, match="float32"):
+    onednn.conv2d_same(x.astype(jnp.float16), w.astype(jnp.float16))
+  with pytest.raises(ValueError, match=r"x \[n, h, w, c\]"):
+    onednn.conv2d_same(x, w[:, :, :2])
+
+
+def test_missing_onednn_says_how_to_install(monkeypatch, tmp_path):
+  monkeypatch.setenv("GECO_ONEDNN_ROOT", str(tmp_path))
+  with pytest.raises(onednn.OneDNNUnavailable, match=r"not found under .*\[onednn\]"):
+    onednn.check_installed()
+  with pytest.raises(onednn.OneDNNUnavailable, match=str(tmp_path)):
+    onednn.onednn_root()
+
+
+def test_missing_compiler_is_named(monkeypatch, require_onednn):
+  monkeypatch.setenv("CXX", "no-such-compiler-geco")
+  with pytest.raises(onednn.OneDNNUnavailable, match="no-such-compiler-geco"):
+    onednn.check_installed()
+
+
+def test_the_build_is_cached(require_onednn):
+  root = onednn.check_installed()
+  first = onednn._build(root)
+  mtime = first.stat().st_mtime_ns
+  assert onednn._build(root) == first and first.stat().st_mtime_ns == mtime
+
+
+# ConvDraw --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recurrence", ["unrolled", pytest.param("scan", marks=pytest.mark.slow)])
+def test_convdraw_with_onednn_equals_xla(require_onednn, recurrence):
+  x = jax.random.uniform(jax.random.PRNGKey(0), (5, 28, 28, 1))
+  rng = jax.random.PRNGKey(1)
+  # T = 3 keeps the compiles short; every step's kind (t = 1 with its zero
+  # states, later steps) is there.
+  model = ConvDraw(**dict(convdraw_preset("mnist_cpu"), num_steps=3), recurrence=recurrence)
+  params = model.init(jax.random.PRNGKey(2), x, rng)
+  fast = model.clone(convolutions="onednn")
+  assert jax.tree.structure(fast.init(jax.random.PRNGKey(2), x, rng)) == jax.tree.structure(params)
+
+  def loss(m):
+    def f(p):
+      out = m.apply(p, x, rng)
+      return jnp.mean(jnp.square(out.reconstruction - x)) + jnp.mean(out.kl)
+    return jax.jit(jax.value_and_grad(f))
+
+  (value, grads), (fast_value, fast_grads) = loss(model)(params), loss(fast)(params)
+  assert abs(float(value) - float(fast_value)) <= 1e-5 * abs(float(value))
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(fast_grads)):
+    assert _rel(a, b) < 1e-4
+
+
+def test_convdraw_rejects_unknown_convolutions():
+  x = jnp.zeros((2, 28, 28, 1))
+  with pytest.raises(ValueError, match="convolutions must be one of"):
+    ConvDraw(**convdraw_preset("mnist_cpu"), convolutions="cudnn").init(
+        jax.random.PRNGKey(0), x, jax.random.PRNGKey(1))
+
+
+def test_config_convolutions_are_validated(monkeypatch, tmp_path):
+  config = convdraw_mnist.get_config()
+  assert config.model.convolutions == "xla"
+  config.model.convolutions = "cudnn"
+  with pytest.raises(setup.ConfigError, match="convolutions must be one of"):
+    setup.validate_config(config)
+  config.model.convolutions = "onednn"
+  monkeypatch.setenv("GECO_ONEDNN_ROOT", str(tmp_path))
+  with pytest.raises(setup.ConfigError, match=r"convolutions='onednn': oneDNN .* not found"):
+    setup.validate_config(config)
+
+
+def test_main_without_onednn_is_one_line_and_exit_status_2(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", GECO_ONEDNN_ROOT=str(tmp_path / "none"))
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.main", "--config", "configs/convdraw_mnist.py",
+       "--config.model.convolutions=onednn", "--workdir", str(tmp_path / "run")],
+      cwd=pathlib.Path(__file__).parents[1], env=env, capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "convolutions='onednn'" in lines[0] and "[onednn]" in lines[0]
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_run_may_resume_with_the_other_convolutions(tmp_path):
+  """XLA's and oneDNN's convolutions share the parameters: a run may switch on resume."""
+  config = convdraw_mnist.get_config()
+  (tmp_path / "checkpoints" / "100").mkdir(parents=True)
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  config.model.convolutions = "onednn"
+  setup.check_workdir_matches(config, tmp_path)          # no error
+  config.model.hidden_channels = 64
+  with pytest.raises(setup.ConfigError, match="another run"):
+    setup.check_workdir_matches(config, tmp_path)
+
+
+def test_the_source_ships_with_the_package():
+  source = pathlib.Path(onednn.__file__).with_name("onednn_conv.cc")
+  assert source.is_file() and "XLA_FFI_DEFINE_HANDLER_SYMBOL" in source.read_text()
