@@ -335,6 +335,10 @@ def check_data(config: ml_collections.ConfigDict, data: dict) -> None:
       onednn.require()   # the CPU backend, and the handlers built
     except onednn.OneDNNUnavailable as e:
       raise ConfigError(f"config.model.convolutions='onednn': {e}") from e
+    require(devices == 1,
+            f"config.model.convolutions='onednn' runs on one CPU device; here are {devices}, "
+            "over which XLA would not split its calls (every device would convolve the "
+            "whole batch): use convolutions='xla'.")
   height, width = train["image"].shape[1:3]
   multiple = 2 if config.model.name in ("convdraw", "conditional_convdraw") else 4
   require(height % multiple == 0 and width % multiple == 0,

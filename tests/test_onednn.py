@@ -189,6 +189,15 @@ def test_main_without_onednn_is_one_line_and_exit_status_2(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_several_devices_are_refused(require_onednn):
+  config = convdraw_mnist.get_config()
+  config.model.convolutions = "onednn"
+  images = np.zeros((64, 28, 28, 1), np.float32)
+  assert jax.device_count() > 1   # tests/conftest.py: 8 host devices
+  with pytest.raises(setup.ConfigError, match="runs on one CPU device"):
+    setup.check_data(config, {"train": {"image": images}, "test": {"image": images}})
+
+
 def test_a_run_may_resume_with_the_other_convolutions(tmp_path):
   """XLA's and oneDNN's convolutions share the parameters: a run may switch on resume."""
   config = convdraw_mnist.get_config()
@@ -204,3 +213,21 @@ def test_a_run_may_resume_with_the_other_convolutions(tmp_path):
 def test_the_source_ships_with_the_package():
   source = pathlib.Path(onednn.__file__).with_name("onednn_conv.cc")
   assert source.is_file() and "XLA_FFI_DEFINE_HANDLER_SYMBOL" in source.read_text()
+
+
+def test_sharded_over_devices(require_onednn):
+  """Sharded inputs give the right values (XLA gathers the batch: not partitioned)."""
+  devices = np.array(jax.devices()[:4])
+  if devices.size < 2:
+    pytest.skip("needs several (host) devices")
+  mesh = jax.sharding.Mesh(devices, ("data",))
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  x, w, _ = _arrays((4 * devices.size, 6, 6, 8, 16, 3, 3))
+  x = jax.device_put(x, batch)
+
+  def loss(conv):
+    return jax.jit(jax.value_and_grad(lambda w, x: jnp.sum(jnp.sin(conv(x, w)))))
+
+  (value, grad), (fast_value, fast_grad) = loss(_xla_conv)(w, x), loss(onednn.conv2d_same)(w, x)
+  assert abs(float(value) - float(fast_value)) <= 1e-4 * abs(float(value)) + 1e-4
+  assert _rel(grad, fast_grad) < 1e-5

@@ -30,6 +30,11 @@ Requirements (``pip install 'geco-jax[onednn]'``):
   jaxlib version and oneDNN;
 - the CPU backend, float32, stride 1, SAME padding.
 
+Under ``jit`` with inputs sharded over several (host) devices the values stay
+right, but XLA does not partition the custom calls: it gathers the batch and
+every device convolves all of it. It is meant for one CPU device, the usual
+case; ``experiments`` refuses it with several.
+
 ``available()`` says whether all of that is there, and why not;
 ``require()`` raises ``OneDNNUnavailable`` with that reason.
 """
