@@ -42,7 +42,6 @@ case; ``experiments`` refuses it with several.
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import pathlib
@@ -155,21 +154,23 @@ def _build(root: pathlib.Path) -> pathlib.Path:
 
 
 _lock = threading.Lock()
+_loaded: list[ctypes.CDLL] = []   # the handlers' library, once loaded and registered
 
 
-@functools.cache
 def _library() -> ctypes.CDLL:
   """Build (or find) the handlers, load them and register the FFI targets; once."""
   with _lock:
-    path = _build(check_installed())
-    try:
-      library = ctypes.CDLL(str(path))
-    except OSError as e:
-      raise OneDNNUnavailable(f"loading {path} failed: {e}") from e
-    for symbol in _TARGETS.values():
-      jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(library, symbol)),
-                                  platform="cpu")
-    return library
+    if not _loaded:
+      path = _build(check_installed())
+      try:
+        library = ctypes.CDLL(str(path))
+      except OSError as e:
+        raise OneDNNUnavailable(f"loading {path} failed: {e}") from e
+      for symbol in _TARGETS.values():
+        jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
+      _loaded.append(library)
+    return _loaded[0]
 
 
 def available() -> tuple[bool, str]:
