@@ -110,6 +110,7 @@ import jax.numpy as jnp
 
 from geco_jax.models.common import VAEOutput
 from geco_jax.models.common import gaussian_kl
+from geco_jax.ops import fusion
 from geco_jax.ops import onednn
 
 RECURRENCES = ("unrolled", "scan", "scan_unrolled")
@@ -253,6 +254,9 @@ class ConvLSTMCell(nn.Module):
   [i, f, o, g] = conv([inputs..., h_{t-1}]);
   c_t = sigmoid(f + 1) c_{t-1} + sigmoid(i) tanh(g);  h_t = sigmoid(o) tanh(c_t).
   The +1 on the forget gate keeps the cell's memory open at initialisation.
+  c_{t-1} passes through ``geco_jax.ops.fusion.cotangent_barrier`` (the
+  identity, whose gradient XLA:CPU then keeps in memory between steps
+  instead of recomputing the chain through time in every step).
 
   The gate convolution skips what is known to be zero and what was computed
   beforehand: a ``None`` state is the zero state (t = 0: no convolution of
@@ -294,6 +298,11 @@ class ConvLSTMCell(nn.Module):
   def __call__(self, state, inputs):
     """``state`` = (c, h), or None for zeros; ``inputs`` a sequence as ``_GroupedConv``'s."""
     cell, hidden = (None, self._zero_hidden(inputs)) if state is None else state
+    if cell is not None:
+      # The cell's gradient flows back through time by elementwise work
+      # alone; materialise it at each step, or XLA:CPU's fusions recompute
+      # the whole chain in every step's backward pass (lever 33).
+      cell = fusion.cotangent_barrier(cell)
     gates = self.gates([*inputs, hidden])
     input_gate, forget_gate, output_gate, candidate = jnp.split(gates, 4, axis=-1)
     new = nn.sigmoid(input_gate) * jnp.tanh(candidate)
