@@ -40,6 +40,9 @@ see only their non-zero inputs) and the encoder gates' share of read_x(x),
 the same every step, is convolved once. Same parameters, same values to
 float rounding (the scan forms compute everything and are tested against
 it); 18% fewer FLOPs in the mnist_cpu training step (docs/performance.md).
+The LSTM cells' state passes through ``geco_jax.ops.fusion.cotangent_barrier``
+(the identity), without which XLA:CPU recomputed the cell's gradient chain
+through time in every step's backward pass: 10-13% of the step (lever 33).
 
 Recurrence forms (``recurrence``), identical in value and gradient:
 - ``'unrolled'``: a Python loop over the steps (one submodule called T times).
@@ -55,8 +58,8 @@ Convolutions (``convolutions``): ``'xla'`` (XLA's own, everywhere) or
 but 1 of the mnist_cpu step's 38 GFLOP) computed by oneDNN on XLA:CPU's thread
 pool (``geco_jax.ops.onednn``; CPU only, the ``onednn`` extra, compiled at
 first use). Same parameters and values to float rounding; on the project's
-2-core CPU the mnist_cpu training step ran 6-10% faster with it
-(docs/performance.md, lever 32).
+2-core CPU the mnist_cpu training step ran 6-11% faster with it
+(docs/performance.md, levers 32 and 33).
 
 Presets (``convdraw_preset(name)``; dicts of constructor keyword arguments):
   mnist_cpu            28x28x1, T=8,  hidden 32,  latent 8,  read 16, 3x3 kernels
@@ -596,7 +599,7 @@ class ConvDraw(_ConvDrawCore):
     convolutions: 'xla' (XLA's own) or 'onednn' (the gate, prior and
       posterior convolutions by oneDNN on XLA:CPU's thread pool,
       ``geco_jax.ops.onednn``: CPU only, an optional extra; same parameters,
-      same values to float rounding, 6-10% faster steps on the project's
+      same values to float rounding, 6-11% faster steps on the project's
       CPU). The strided reads and the write stay XLA's.
 
   The defaults are the ``mnist_cpu`` preset with the 'unrolled' recurrence.

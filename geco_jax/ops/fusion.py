@@ -14,14 +14,18 @@ so in an unrolled recurrence nothing forces dc_t into memory. XLA:CPU's loop
 fusion duplicates cheap elementwise producers into every consumer, and each
 step's gate gradients end up recomputing the chain from the last step down
 to their own: quadratic in the number of steps. In ConvDraw's mnist_cpu
-training step (T = 8) this was 0.23 of the 0.99 GFLOP that XLA counts outside
-the convolutions, in fusions of up to 54 operands; with the barrier on the
-cell state the step ran about 10% faster (docs/performance.md, lever 33).
+training step (T = 8) this was 0.23 GFLOP of recomputed elementwise work
+(37.95 -> 37.72 GFLOP in XLA's count), in fusions of up to 54 operands; with
+the barrier on the cell state the step ran 10-13% faster
+(docs/performance.md, lever 33).
 
-How: the backward pass routes the cotangent through a ``lax.cond`` whose
-predicate is always true but is computed at run time from the cotangent's
-first element ((bits | 1) != 0), so XLA can neither fold the conditional
-away nor fuse across it; the false branch (a negation) never runs.
+How: a ``custom_jvp`` routes the tangent through a ``lax.cond`` whose
+predicate is always true but is computed at run time from x's first element
+((bits | 1) != 0), so XLA can neither fold the conditional away nor fuse
+across it; the false branch (a negation) never runs. Both branches are
+linear, so forward mode works, and reverse mode transposes it into the same
+conditional on the cotangent: the backward pass materialises it, while the
+forward pass has no conditional at all.
 ``jax.lax.optimization_barrier`` does not do this on XLA:CPU (it is expanded
 before fusion), and neither does dividing by a run-time one (the divide is
 fused and duplicated too). Only on the CPU: on other platforms it lowers to

@@ -9,8 +9,8 @@ in value and gradients (to float rounding), computed by oneDNN, the library
 behind PyTorch's CPU convolutions, through three XLA FFI custom calls:
 forward y = x * w, backward data dx = dy *^T w and backward weights
 dw = x^T * dy. It is what ConvDraw's ``convolutions='onednn'`` uses; on the
-project's 2-core CPU it made ConvDraw's training step 6-10% faster than
-XLA's own convolutions (docs/performance.md, lever 32).
+project's 2-core CPU it made ConvDraw's training step 6-11% faster than
+XLA's own convolutions (docs/performance.md, levers 32 and 33).
 
 How it runs: each call splits its batch into one chunk per thread of XLA's
 intra-op pool, runs every chunk as a single-threaded oneDNN primitive in a
