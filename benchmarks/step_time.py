@@ -120,6 +120,26 @@ _CONVOLUTIONS = flags.DEFINE_list(
     "ConvDraw's convolutions (geco_jax.models.convdraw.CONVOLUTIONS: xla, onednn). The "
     "first replaces the config's in every section; in 'compare', each further one is "
     "timed as one more JAX runner in the same rounds (e.g. 'xla,onednn').")
+
+
+def _convdraw_forms_are_known(_) -> bool:
+  from geco_jax.models.convdraw import CONVOLUTIONS  # noqa: PLC0415
+  from geco_jax.models.convdraw import RECURRENCES  # noqa: PLC0415
+
+  unknown = [c for c in _CONVOLUTIONS.value if c not in CONVOLUTIONS]
+  if unknown or len(set(_CONVOLUTIONS.value)) != len(_CONVOLUTIONS.value):
+    raise flags.ValidationError(
+        f"--convdraw_convolutions takes distinct values among {', '.join(CONVOLUTIONS)}; "
+        f"got {','.join(_CONVOLUTIONS.value)}.")
+  if _RECURRENCE.value is not None and _RECURRENCE.value not in RECURRENCES:
+    raise flags.ValidationError(
+        f"--convdraw_recurrence must be one of {', '.join(RECURRENCES)}; got "
+        f"{_RECURRENCE.value!r}.")
+  return True
+
+
+flags.register_multi_flags_validator(
+    ["convdraw_convolutions", "convdraw_recurrence"], _convdraw_forms_are_known)
 _DP_MODEL = flags.DEFINE_string("dp_model", "conv_vae", "Model of the data_parallel section.")
 _DP_DEVICES = flags.DEFINE_list("dp_devices", ["1", "2", "4", "8"], "Device counts.")
 _DP_CHILD = flags.DEFINE_bool("data_parallel_child", False,

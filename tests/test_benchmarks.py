@@ -193,6 +193,20 @@ def test_step_time_on_cuda_without_a_gpu_is_one_clear_error():
       "--torch_device=cuda, but torch sees no CUDA device.")
 
 
+@pytest.mark.parametrize("flag, message", [
+    ("--convdraw_convolutions=xla,onedn", "--convdraw_convolutions takes distinct values"),
+    ("--convdraw_convolutions=xla,xla", "--convdraw_convolutions takes distinct values"),
+    ("--convdraw_recurrence=rolled", "--convdraw_recurrence must be one of"),
+])
+def test_step_time_rejects_unknown_convdraw_forms_before_timing(flag, message):
+  done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.step_time", flag, "--torch=off", "--json="],
+      cwd=_ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode != 0
+  assert "Flags parsing error: " in done.stderr and message in done.stderr
+  assert "Training steps/s" not in done.stdout
+
+
 def test_conv_ops_times_convdraws_own_convolutions():
   """benchmarks.conv_ops's shapes are the kernels of the model's step t >= 2."""
   from benchmarks import conv_ops
