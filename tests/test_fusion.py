@@ -54,6 +54,26 @@ def test_vmap_dtypes_and_empty_arrays():
   assert jax.grad(lambda x: jnp.sum(cotangent_barrier(x)))(empty).shape == (0, 3)
 
 
+def test_sharded_inputs_explicit_and_auto():
+  # The predicate must not slice a sharded dimension (an error under explicit
+  # sharding); the gradient keeps the input's sharding.
+  from jax.sharding import AxisType
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec
+
+  if len(jax.devices()) < 2:
+    pytest.skip("needs two devices (tests/conftest.py forces 8 host devices)")
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 6)), jnp.float32)
+  expected = jax.grad(lambda x: jnp.sum(jnp.tanh(2.0 * x)))(x)
+  for axis_type in (AxisType.Explicit, AxisType.Auto):
+    mesh = jax.make_mesh((2,), ("batch",), axis_types=(axis_type,), devices=jax.devices()[:2])
+    sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("batch")))
+    with jax.set_mesh(mesh):
+      grad = jax.jit(jax.grad(lambda x: jnp.sum(jnp.tanh(2.0 * cotangent_barrier(x)))))(sharded)
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+    assert grad.sharding.spec[0] == "batch"
+
+
 def _conditionals(fn, *args) -> int:
   return jax.jit(fn).lower(*args).compile().as_text().count(" conditional(")
 

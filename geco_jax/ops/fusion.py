@@ -20,8 +20,8 @@ the barrier on the cell state the step ran 10-13% faster
 (docs/performance.md, lever 33).
 
 How: a ``custom_jvp`` routes the tangent through a ``lax.cond`` whose
-predicate is always true but is computed at run time from x's first element
-((bits | 1) != 0), so XLA can neither fold the conditional away nor fuse
+predicate is always true but is computed at run time from x (the bits of
+its sum, | 1, != 0), so XLA can neither fold the conditional away nor fuse
 across it; the false branch (a negation) never runs. Both branches are
 linear, so forward mode works, and reverse mode transposes it into the same
 conditional on the cotangent: the backward pass materialises it, while the
@@ -45,9 +45,14 @@ _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
 
 
 def _always(x: jax.Array) -> jax.Array:
-  """True, computed at run time from ``x``'s first element: (bits | 1) != 0."""
-  first = x.reshape(-1)[0]
-  bits = lax.bitcast_convert_type(first, _UNSIGNED[first.dtype.itemsize])
+  """True, computed at run time from ``x``: (bits of sum(x) | 1) != 0.
+
+  A sum rather than one element: slicing an element out of a sharded
+  dimension is an error under explicit sharding, a reduction is not (it
+  costs one read of x, and one all-reduce of a scalar when x is sharded).
+  """
+  total = jnp.sum(x)
+  bits = lax.bitcast_convert_type(total, _UNSIGNED[total.dtype.itemsize])
   return (bits | jnp.ones((), bits.dtype)) != 0
 
 
