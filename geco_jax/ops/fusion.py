@@ -15,7 +15,7 @@ fusion duplicates cheap elementwise producers into every consumer, and each
 step's gate gradients end up recomputing the chain from the last step down
 to their own: quadratic in the number of steps. In ConvDraw's mnist_cpu
 training step (T = 8) this was 0.23 GFLOP of recomputed elementwise work
-(37.95 -> 37.72 GFLOP in XLA's count), in fusions of up to 54 operands; with
+(37.95 -> 37.73 GFLOP in XLA's count), in fusions of up to 54 operands; with
 the barrier on the cell state the step ran 10-13% faster
 (docs/performance.md, lever 33).
 
