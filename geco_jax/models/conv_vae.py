@@ -12,7 +12,9 @@ parameters of ``flax.linen.ConvTranspose``, computed as one stride-1
 convolution and a depth-to-space reshape, because XLA:CPU differentiates the
 kernel of an input-dilated convolution (what ``ConvTranspose`` lowers to)
 with a slow generic loop: measured, half the time of this model's training
-step (docs/performance.md).
+step (docs/performance.md). Its stride-1 convolution is
+``geco_jax.ops.conv.valid_convolution``, whose kernel gradient XLA:CPU runs as
+matrix products: XLA's own form of it was a quarter of VAE+NVP's step.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 
 from geco_jax.models.common import VAEOutput
 from geco_jax.models.common import gaussian_kl
+from geco_jax.ops import conv
 
 
 def _subpixel_taps(kernel_size: int, stride: int):
@@ -107,8 +110,8 @@ class SubpixelConvTranspose(nn.Module):
     # Padded here, convolved VALID: with the padding inside the convolution,
     # XLA:CPU computes this kernel gradient with a slow generic loop (measured 3x).
     x = jnp.pad(x, ((0, 0), padding, padding, (0, 0)))
-    z = jax.lax.conv_general_dilated(x, phases, (1, 1), "VALID",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    # XLA's convolution; its kernel gradient as dots on the CPU (lever 34).
+    z = conv.valid_convolution(x, phases)
     z = z.reshape(*z.shape[:3], s, s, features)
     if len(set(start)) == 1:
       a = start[0]
