@@ -16,7 +16,10 @@ training step t, with C_t the batch mean of the constraint (Algorithm 1)::
     lambda_t = lambda_{t-1} * exp(lambda_lr * C_ma_t)
 
 The last line is gradient ascent on ``log lambda`` with the averaged constraint
-as its gradient; it keeps lambda positive. Here the dual update is pluggable:
+as its gradient; it keeps lambda positive. ``log lambda`` is also kept within
+``[-LOG_MULTIPLIER_LIMIT, LOG_MULTIPLIER_LIMIT]`` (+-80: lambda within about
+[1.8e-35, 5.5e34]), so that lambda, stored as a float32, can neither round to
+0 nor overflow to inf, from which ``log lambda`` could never come back. Here the dual update is pluggable:
 ``dual_optimizer`` is any optax transformation applied to ``log lambda`` with
 ``-C_ma_t`` as its gradient (optax minimises), the default being SGD with
 learning rate ``lambda_lr``, which is the line above exactly.
@@ -63,7 +66,15 @@ from geco_jax._validation import check, concrete_values, is_container
 PyTree = Any
 Scalars = Union[float, jax.Array, PyTree]
 
+# |log lambda| is kept at or below this after every update. Beyond about
+# +-87 a float32 lambda = exp(log lambda) is 0 or inf, and log(0) = -inf or
+# log(inf) = inf is a fixed point of every later update: the multiplier would be
+# dead for good (a long stretch of a satisfied constraint with an unbounded
+# lambda reaches it). 80 leaves room for lambda * C to stay finite.
+LOG_MULTIPLIER_LIMIT = 80.0
+
 __all__ = [
+    "LOG_MULTIPLIER_LIMIT",
     "GecoState",
     "geco",
     "lagrangian",
@@ -104,6 +115,10 @@ class GecoState(NamedTuple):
     moving_average_decay: alpha, as an array so that ``lagrangian`` (which only
       sees the state) computes the same average as ``update``; refreshed by
       every ``update``, so a schedule through ``optax.inject_hyperparams`` works.
+      (With a scheduled alpha, ``lagrangian``'s value at step t uses the alpha
+      of step t - 1, the one the state holds; ``update`` uses step t's. Only
+      the loss's value differs, by (alpha_t - alpha_{t-1}) (C_ma_{t-1} - C_t)
+      per constraint, times lambda; its gradients, C_ma and lambda do not.)
     dual_state: state of the dual optimiser acting on ``log lambda``.
     static: settings that are not arrays (the data-parallel axis name).
   """
@@ -138,6 +153,22 @@ def _broadcast_to(template, value):
   if is_container(value):
     return value
   return jax.tree_util.tree_map(lambda _: value, template)
+
+
+def _check_step_shapes(lambda_init, lambda_lr, structure) -> None:
+  """A step size per multiplier may be a scalar or have the multiplier's shape;
+  any other shape would silently broadcast the multiplier to a new shape."""
+  template = structure if structure is not None else 0.0
+  inits = jax.tree_util.tree_leaves(_broadcast_to(template, lambda_init))
+  steps = jax.tree_util.tree_leaves(_broadcast_to(template, lambda_lr))
+  for init, step in zip(inits, steps):
+    init_shape, step_shape = jnp.shape(init), jnp.shape(step)
+    if step_shape and step_shape != init_shape:
+      raise ValueError(
+          f"geco: a lambda_lr entry has shape {step_shape} but its multiplier "
+          f"(lambda_init) has shape {init_shape}; give one step size per "
+          "multiplier as a scalar, or as an array of the multiplier's shape "
+          "(e.g. lambda_init=jnp.ones(2) with lambda_lr=jnp.array([0.1, 0.2])).")
 
 
 def _check_constraint(constraint, state: GecoState, where: str) -> None:
@@ -217,7 +248,9 @@ def geco(
       pytree, in which case it is used for every constraint.
     lambda_min: optional lower bound on lambda (> 0), applied after each update.
     lambda_max: optional upper bound on lambda. The public GECO implementations
-      clamp to about [1e-10, 1e10] against blow-ups.
+      clamp to about [1e-10, 1e10] against blow-ups. Without bounds, and
+      within them, ``log lambda`` is kept within +-``LOG_MULTIPLIER_LIMIT``
+      (80), so that lambda stays a positive, finite float32 that can recover.
     dual_optimizer: any optax transformation, applied to ``log lambda`` with
       ``-C_ma_t`` as its gradient. ``None`` is plain SGD with ``lambda_lr``,
       i.e. Algorithm 1; ``geco_jax.dual.pi(...)`` is a PI controller that damps
@@ -232,9 +265,11 @@ def geco(
     An ``optax.GradientTransformationExtraArgs``; its state is a ``GecoState``.
 
   Raises:
-    ValueError: alpha outside [0, 1), lambda_lr <= 0, lambda_init <= 0, bounds
-      not positive or out of order, lambda_init outside the bounds, or both
-      ``lambda_lr`` and ``dual_optimizer`` given.
+    ValueError: alpha outside [0, 1), lambda_lr <= 0, lambda_init <= 0 or
+      outside exp(+-LOG_MULTIPLIER_LIMIT), bounds not positive or out of
+      order, lambda_init outside the bounds, a ``lambda_lr`` entry whose shape
+      is not its multiplier's (it would change the multiplier's shape), or
+      both ``lambda_lr`` and ``dual_optimizer`` given.
   """
   if dual_optimizer is not None and lambda_lr is not None:
     raise ValueError(
@@ -249,6 +284,9 @@ def geco(
            "geco: lambda_lr must be positive and finite")
   check(lambda_init, lambda v: v > 0 and math.isfinite(v),
          "geco: lambda_init must be positive and finite")
+  check(lambda_init, lambda v: abs(math.log(v)) <= LOG_MULTIPLIER_LIMIT,
+         f"geco: lambda_init must lie within exp(+-{LOG_MULTIPLIER_LIMIT:g}), about "
+         f"[{math.exp(-LOG_MULTIPLIER_LIMIT):.1e}, {math.exp(LOG_MULTIPLIER_LIMIT):.1e}]")
   if lambda_min is not None:
     check(lambda_min, lambda v: v > 0, "geco: lambda_min must be positive")
   if lambda_max is not None:
@@ -270,6 +308,8 @@ def geco(
             f"{bound_values[0]}.")
 
   structure = _structure_of(lambda_init, lambda_lr)
+  if lambda_lr is not None:
+    _check_step_shapes(lambda_init, lambda_lr, structure)
   if dual_optimizer is None:
     dual_optimizer = dual.sgd(lambda_lr)
   static = _GecoStatic(axis_name=axis_name)
@@ -309,11 +349,12 @@ def geco(
     dual_updates, dual_state = dual_optimizer.update(
         dual_grads, state.dual_state, log_lambda)
     log_lambda = optax.apply_updates(log_lambda, dual_updates)
-    if lambda_min is not None or lambda_max is not None:
-      lo = -jnp.inf if lambda_min is None else jnp.log(lambda_min)
-      hi = jnp.inf if lambda_max is None else jnp.log(lambda_max)
-      log_lambda = jax.tree_util.tree_map(
-          lambda v: jnp.clip(v, lo, hi), log_lambda)
+    lo, hi = -LOG_MULTIPLIER_LIMIT, LOG_MULTIPLIER_LIMIT
+    if lambda_min is not None:
+      lo = jnp.maximum(lo, jnp.log(lambda_min))
+    if lambda_max is not None:
+      hi = jnp.minimum(hi, jnp.log(lambda_max))
+    log_lambda = jax.tree_util.tree_map(lambda v: jnp.clip(v, lo, hi), log_lambda)
 
     new_state = GecoState(
         count=optax.safe_increment(state.count),

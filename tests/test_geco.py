@@ -10,6 +10,7 @@ import pytest
 from flax import serialization
 
 import geco_jax
+from geco_jax.geco import LOG_MULTIPLIER_LIMIT
 from geco_jax.geco import GecoState
 
 
@@ -162,6 +163,54 @@ def test_unbounded_lambda_is_positive_for_large_negative_constraints():
   assert float(geco_jax.lagrange_multiplier(state)) > 0
 
 
+def test_unbounded_lambda_never_dies_and_comes_back():
+  # log lambda moves by lambda_lr * C = -+10 per step (alpha = 0). Without a
+  # floor, 9 steps would take a float32 lambda to exp(-90) -> 0 (or exp(+90)
+  # -> inf), and log(0) never moves again. With the floor at -80 it sits at
+  # exp(-80) and climbs back at +10 per step once the constraint is violated.
+  tx = geco_jax.geco(lambda_lr=1.0, alpha=0.0)
+  update = jax.jit(lambda s, c: tx.update({}, s, constraint=c)[1])
+  state = tx.init({})
+  limit = LOG_MULTIPLIER_LIMIT
+  assert limit == 80.0
+  for _ in range(200):
+    state = update(state, jnp.float32(-10.0))
+  assert float(geco_jax.lagrange_multiplier(state)) == pytest.approx(np.exp(-limit), rel=1e-5)
+  for _ in range(10):
+    state = update(state, jnp.float32(10.0))
+  assert float(geco_jax.lagrange_multiplier(state)) == pytest.approx(np.exp(20.0), rel=1e-4)
+  for _ in range(200):
+    state = update(state, jnp.float32(10.0))
+  lam = float(geco_jax.lagrange_multiplier(state))
+  assert lam == pytest.approx(np.exp(limit), rel=1e-5)
+  loss, grad = jax.value_and_grad(
+      lambda c: geco_jax.lagrangian(jnp.float32(1.0), c, state))(jnp.float32(10.0))
+  assert np.isfinite(loss) and float(grad) == pytest.approx(lam, rel=1e-6)
+  for _ in range(3):   # and down again at once
+    state = update(state, jnp.float32(-10.0))
+  assert float(geco_jax.lagrange_multiplier(state)) == pytest.approx(np.exp(50.0), rel=1e-4)
+
+
+def test_scheduled_alpha_is_used_at_its_step():
+  # alpha is 0 at steps 0-1 and 0.9 from step 2 on: the state's average at
+  # step 2 is 0.9 * C_ma_1 + 0.1 * C_2 with step 2's alpha; the Lagrangian's
+  # value at step 2 is computed before that update, from the state, and uses
+  # step 1's alpha (documented in GecoState).
+  schedule = lambda count: jnp.where(count >= 2, 0.9, 0.0)
+  tx = optax.inject_hyperparams(geco_jax.geco)(lambda_lr=0.1, alpha=schedule)
+  state = tx.init({})
+  for c in (1.0, 3.0):
+    _, state = tx.update({}, state, constraint=jnp.float32(c))
+  value = geco_jax.lagrangian(jnp.float32(0.0), jnp.float32(-6.0), state)
+  lam = float(geco_jax.lagrange_multiplier(state))
+  np.testing.assert_allclose(value, lam * -6.0, rtol=1e-6)     # alpha_1 = 0
+  _, state = tx.update({}, state, constraint=jnp.float32(-6.0))
+  np.testing.assert_allclose(geco_jax.constraint_moving_average(state),
+                             0.9 * 3.0 + 0.1 * -6.0, rtol=1e-6)
+  np.testing.assert_allclose(geco_jax.lagrange_multiplier(state),
+                             np.exp(0.1 * (1.0 + 3.0 + 2.1)), rtol=1e-5)
+
+
 def test_lambda_lr_per_constraint():
   tx = geco_jax.geco(lambda_lr={"a": 0.1, "b": 0.2}, alpha=0.0)
   state = tx.init({})
@@ -261,6 +310,10 @@ def test_orbax_round_trip(tmp_path):
     (dict(lambda_min=2.0), "lambda_init"),
     (dict(lambda_lr=0.1, dual_optimizer=optax.sgd(0.1)), "not both"),
     (dict(lambda_init={"a": 1.0}, lambda_lr={"b": 0.1}), "structure"),
+    (dict(lambda_init=1e-40), "lambda_init must lie within"),
+    (dict(lambda_init=1e36), "lambda_init must lie within"),
+    (dict(lambda_lr=np.array([0.1, 0.2])), "shape"),
+    (dict(lambda_init=np.ones(3), lambda_lr=np.array([0.1, 0.2])), "shape"),
 ])
 def test_bad_hyperparameters_raise_when_built(kwargs, match):
   with pytest.raises(ValueError, match=match):
