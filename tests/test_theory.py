@@ -240,6 +240,33 @@ def test_critical_temperatures_find_the_kinks(grid):
   np.testing.assert_allclose(found.sorted_betas, betas)
 
 
+def test_critical_temperatures_over_decades():
+  # Kinks a decade apart on a geometric grid; the largest slope change is at
+  # the largest beta. E is linear between the kinks, so a second derivative in
+  # log beta (which is beta * dE/dbeta there, not 0) would see bends, not
+  # kinks; in beta, smoothed in log beta and ranked by beta |E''|, the three
+  # kinks come out, largest slope change first.
+  kinks = np.array([0.3, 1.0, 3.0])
+  changes = np.array([1.0, -0.5, 1.5])
+  betas = np.geomspace(0.05, 20.0, 160)
+  errors = 0.2 * betas
+  for kink, change in zip(kinks, changes):
+    errors = errors + change * np.maximum(betas - kink, 0.0)
+  found = theory.critical_temperatures(betas, errors, top_k=3, smooth=2.0,
+                                       log_beta=True)
+  ratio = betas[1] / betas[0]
+  np.testing.assert_allclose(np.sort(found.betas), kinks, rtol=3 * (ratio - 1))
+  assert abs(found.betas[0] / 3.0 - 1) <= 3 * (ratio - 1)
+  assert abs(found.betas[1] / 0.3 - 1) <= 3 * (ratio - 1)
+  # Heights in proportion to the slope changes (a Gaussian of the same width
+  # in log beta at each kink): 1.5 : 1.0 : 0.5.
+  np.testing.assert_allclose(found.heights / found.heights[0], [1.0, 2 / 3, 1 / 3],
+                             rtol=0.1)
+  # The second derivative is in beta: ~0 away from the kinks.
+  far = (betas > 1.5) & (betas < 2.0)
+  assert np.max(np.abs(found.second_derivative[far])) < 1e-3
+
+
 def test_critical_temperatures_of_a_sweep(clusters):
   data, _ = clusters
   betas = np.linspace(0.01, 1.0, 45)

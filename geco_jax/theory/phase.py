@@ -13,11 +13,29 @@ smoothed first, by a Gaussian-weighted local-linear fit::
     K_ij = exp(-(x_i - x_j)^2 / (2 h^2)),   h = smooth * median(diff(x)),
 
 (no first-order bias at the ends of the grid, unlike a moving average), with
-``x = beta`` (or ``log beta``). Then ``np.gradient`` twice, which handles a
-non-uniform grid, gives ``d^2 E_s / dx^2``; its absolute value is the
-curvature. Local maxima are interior points strictly above the left
-neighbour and not below the right one; the ends of the grid are never
-picked (their one-sided differences are the least reliable).
+``x = beta``. Then ``np.gradient`` twice, which handles a non-uniform grid,
+gives ``d^2 E_s / d beta^2``; its absolute value is the curvature. Local
+maxima are interior points strictly above the left neighbour and not below
+the right one; the ends of the grid are never picked (their one-sided
+differences are the least reliable).
+
+A kink whose slope dE/dbeta changes by Delta becomes, after smoothing with a
+kernel of width w, a peak of d^2 E_s / d beta^2 of height about
+Delta / (w sqrt(2 pi)): on a uniform grid w is the same everywhere and the
+heights rank the kinks by Delta. On a grid that spans decades (geometric),
+``log_beta=True`` smooths in ``u = log beta`` instead (a kernel of the same
+width in u, i.e. w proportional to beta) and still returns the second
+derivative in beta, by the chain rule::
+
+    d^2 E / d beta^2 = (d^2 E / du^2 - dE / du) / beta^2
+
+(``d^2 E / du^2`` alone is not zero where E is linear in beta, so its peaks
+would be bends of the log-scale plot, not kinks). There the curvature ranked
+is ``beta |d^2 E_s / d beta^2|``, proportional to Delta again, so that kinks
+a decade apart are compared by their slope change rather than by where they
+lie. (With ``log_beta=False`` on a strongly non-uniform grid, w is a fixed
+multiple of the median spacing; where the grid is coarser than w a peak's
+height follows the local spacing, and heights are not comparable.)
 """
 
 from __future__ import annotations
@@ -42,8 +60,10 @@ class CriticalTemperatures(NamedTuple):
     indices: int, their indices into the sorted betas.
     sorted_betas: float64 ``[B]``, the input betas in increasing order.
     smoothed: float64 ``[B]``, the smoothed ``E`` on ``sorted_betas``.
-    second_derivative: float64 ``[B]``, ``d^2 E_s / dx^2`` (signed).
-    curvature: float64 ``[B]``, its absolute value.
+    second_derivative: float64 ``[B]``, ``d^2 E_s / d beta^2`` (signed; in
+      beta also when ``log_beta``).
+    curvature: float64 ``[B]``, what the maxima are taken of:
+      ``|second_derivative|``, times ``sorted_betas`` when ``log_beta``.
   """
   betas: np.ndarray
   heights: np.ndarray
@@ -91,8 +111,9 @@ def critical_temperatures(betas, errors, top_k: int = 3, *,
     top_k: how many maxima to keep, >= 1 (fewer if there are fewer).
     smooth: width of the smoothing kernel in median grid spacings, >= 0
       (0: no smoothing).
-    log_beta: differentiate with respect to ``log beta`` instead of beta
-      (for grids spanning decades; the paper uses beta).
+    log_beta: smooth over ``log beta`` instead of beta, and rank the peaks
+      by ``beta |d^2 E / d beta^2|`` (for grids spanning decades; see the
+      module docstring). The paper's grid is uniform in beta.
 
   Returns:
     A ``CriticalTemperatures``; ``.betas`` are the critical betas, highest
@@ -125,11 +146,17 @@ def critical_temperatures(betas, errors, top_k: int = 3, *,
   betas, errors = betas[order], errors[order]
   if np.any(np.diff(betas) <= 0):
     raise ValueError("betas must be distinct.")
-  x = np.log(betas) if log_beta else betas
-  smoothed = smooth_curve(x, errors, smooth)
-  second = np.gradient(np.gradient(smoothed, x), x)
-  curvature = np.abs(second)
-  inner = np.arange(1, len(x) - 1)
+  if log_beta:
+    u = np.log(betas)
+    smoothed = smooth_curve(u, errors, smooth)
+    first_u = np.gradient(smoothed, u)
+    second = (np.gradient(first_u, u) - first_u) / betas ** 2
+    curvature = np.abs(second) * betas
+  else:
+    smoothed = smooth_curve(betas, errors, smooth)
+    second = np.gradient(np.gradient(smoothed, betas), betas)
+    curvature = np.abs(second)
+  inner = np.arange(1, len(betas) - 1)
   peaks = inner[(curvature[inner] > curvature[inner - 1])
                 & (curvature[inner] >= curvature[inner + 1])]
   peaks = peaks[np.argsort(-curvature[peaks], kind="stable")][:top_k]
