@@ -169,6 +169,32 @@ def test_trajectories_match_the_loop(blob):
   assert steps[-1] < 1e-3 <= steps[:-1].min()
 
 
+def test_a_geco_multiplier_is_a_temperature(blob):
+  # GECO's RE Lagrangian, KL + lambda E[||x - g||^2 - kappa^2], iterated in
+  # NumPy with its own exponent -lambda C (kappa included), against the
+  # beta-VAE map at beta_from_multiplier(lambda): the same reconstructions.
+  lam, kappa, sigma = 3.0, 0.4, 0.7
+  beta = theory.beta_from_multiplier(lam, sigma=sigma)
+  assert beta == pytest.approx(1.0 / (2 * sigma ** 2 * lam))
+  init = np.random.default_rng(1).uniform(-1, 1, size=(GRID * GRID, 2))
+  got = theory.reconstruction_fixed_points(
+      blob, beta, sigma=sigma, grid_size=GRID, smoothing=1.0, max_iters=4, tol=0.0,
+      init=init, init_noise=0.0)
+  m = init.copy()
+  for _ in range(4):
+    c = np.sum((blob[:, None, :] - m[None]) ** 2, axis=-1) - kappa ** 2   # [N, K]
+    w = np.exp(-lam * c)                 # uniform prior: pi_k cancels
+    w /= w.sum(axis=1, keepdims=True)
+    m = (w.T @ blob) / w.sum(axis=0)[:, None]
+  assert got.iterations == 4
+  np.testing.assert_allclose(got.reconstructions, m, atol=2e-5)
+  np.testing.assert_allclose(theory.beta_from_multiplier(np.array([1.0, 4.0])),
+                             [0.5, 0.125])
+  for bad in (0.0, -1.0, np.inf, "x"):
+    with pytest.raises(ValueError, match="multiplier"):
+      theory.beta_from_multiplier(bad)
+
+
 def test_max_iters_and_tiles_without_prior_mass(blob):
   prior = np.ones(GRID * GRID)
   prior[: GRID * GRID // 2] = 0.0                 # the lower half of the grid
@@ -298,6 +324,35 @@ def test_lipschitz_projection_properties(kind):
   np.testing.assert_allclose(
       theory.lipschitz_projection(GRID, kind=kind, strength=0.0),
       np.eye(GRID * GRID), atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["local", "global"])
+def test_lipschitz_projection_minimises_the_documented_penalty(kind):
+  # P F is the minimiser of ||M - F||^2 + gamma sum_{k<l} Omega_kl ||M_k - M_l||^2
+  # (each pair counted once): its gradient, written out pair by pair, is 0
+  # there, and moving away in any direction costs more.
+  grid, gamma = 4, 0.7
+  omega = theory.lipschitz_weights(grid, kind=kind)
+  projection = theory.lipschitz_projection(grid, kind=kind, strength=gamma)
+  rng = np.random.default_rng(0)
+  target = rng.normal(size=(grid * grid, 3))
+  best = projection @ target
+
+  def energy(m):
+    pairs = sum(omega[k, l] * np.sum((m[k] - m[l]) ** 2)
+                for k in range(len(m)) for l in range(k + 1, len(m)))
+    return np.sum((m - target) ** 2) + gamma * pairs
+
+  gradient = 2 * (best - target)
+  for k in range(len(best)):
+    for l in range(len(best)):
+      gradient[k] += 2 * gamma * omega[k, l] * (best[k] - best[l])
+  np.testing.assert_allclose(gradient, 0.0, atol=1e-10)
+  for _ in range(5):
+    assert energy(best + 1e-3 * rng.normal(size=best.shape)) > energy(best)
+  np.testing.assert_allclose(theory.neighbour_energy(best, omega),
+                             (energy(best) - np.sum((best - target) ** 2)) / gamma,
+                             rtol=1e-10)
 
 
 def test_local_weights_count_neighbours():

@@ -2,7 +2,8 @@
 
 * ``reconstruction_fixed_points`` / ``fixed_point_sweep``: the tiled
   fixed-point map of a high-capacity beta-VAE (Prop. 3.2, Appendix A), one
-  compiled loop, vectorised over beta.
+  compiled loop, vectorised over beta; ``beta_from_multiplier`` gives the
+  beta of GECO's RE Lagrangian at a multiplier lambda (``1 / (2 sigma^2 lambda)``).
 * ``critical_temperatures``: the peaks of ``|d^2 E / d beta^2|`` (Fig. 2).
 * ``lipschitz_projection``: local and global Lipschitz constraints as the
   projection ``P = (I + gamma L)^-1`` after each step (Appendix B, Fig. 7).
@@ -17,6 +18,7 @@ from geco_jax.theory.equipartition import equiprobable_reconstructions
 from geco_jax.theory.equipartition import posterior_prior_mass
 from geco_jax.theory.equipartition import tiled_elbo
 from geco_jax.theory.fixed_points import FixedPoints
+from geco_jax.theory.fixed_points import beta_from_multiplier
 from geco_jax.theory.fixed_points import FixedPointSweep
 from geco_jax.theory.fixed_points import fixed_point_sweep
 from geco_jax.theory.fixed_points import merge_fixed_points
@@ -36,6 +38,7 @@ __all__ = [
     "ElboTerms",
     "FixedPointSweep",
     "FixedPoints",
+    "beta_from_multiplier",
     "critical_temperatures",
     "equiprobable_reconstructions",
     "fixed_point_sweep",

@@ -22,6 +22,15 @@ is the expected reconstruction error::
 
     E(beta) = (1 / N) sum_i sum_k w_ik ||x_i - M_k||^2.
 
+GECO's Lagrangian, ``KL + lambda E[C]`` with the RE constraint
+``C = ||x - g(z)||^2 - kappa^2``, has the same fixed points with the exponent
+``-lambda C`` in place of ``-||x - g||^2 / T``: the ``lambda kappa^2`` it adds
+is the same for every tile and cancels when ``w`` is normalised, and the
+decoder's update is the same weighted mean. So a multiplier lambda is the
+temperature ``T = 1 / lambda``, i.e. ``beta = 1 / (2 sigma^2 lambda)``
+(``beta_from_multiplier``): a large multiplier is a low temperature, sharp
+reconstructions, many fixed points.
+
 Conventions, where the paper leaves a choice:
 
 * Log space: ``log w`` is normalised over tiles with ``logsumexp``, and for
@@ -73,6 +82,7 @@ from geco_jax.theory.tiles import tile_centres
 from geco_jax.theory.tiles import tile_prior
 
 __all__ = [
+    "beta_from_multiplier",
     "FixedPointSweep",
     "FixedPoints",
     "fixed_point_sweep",
@@ -193,6 +203,35 @@ def _check_betas(betas) -> np.ndarray:
   if not np.all(np.isfinite(betas)) or np.any(betas <= 0):
     raise ValueError(f"every beta must be finite and > 0; got {betas}.")
   return betas
+
+
+def beta_from_multiplier(lagrange_multiplier, sigma: float = 1.0):
+  """The beta whose fixed points are those of GECO's RE Lagrangian at ``lambda``.
+
+  With ``C = ||x - g(z)||^2 - kappa^2`` the Lagrangian's fixed-point map has
+  the exponent ``-lambda C``; the constant ``lambda kappa^2`` cancels in the
+  normalisation over tiles, so it is the beta-VAE map at the temperature
+  ``T = 2 sigma^2 beta = 1 / lambda`` (module docstring; paper-notes section 8).
+
+  Args:
+    lagrange_multiplier: lambda > 0, a float or an array (e.g. a run's
+      multipliers over training, to sweep the fixed points along it).
+    sigma: the ``sigma`` the fixed points will be computed with, > 0.
+
+  Returns:
+    ``1 / (2 sigma^2 lambda)``, a float64 (array for an array).
+  """
+  try:
+    lam = np.asarray(lagrange_multiplier, np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f"the Lagrange multiplier must be a number or an array of them; "
+                     f"got {lagrange_multiplier!r}.") from None
+  sigma = _check_positive(sigma, "sigma")
+  if not np.all(np.isfinite(lam) & (lam > 0)):
+    raise ValueError(
+        f"the Lagrange multiplier must be finite and > 0; got {lagrange_multiplier!r}.")
+  beta = 1.0 / (2.0 * sigma * sigma * lam)
+  return float(beta) if beta.ndim == 0 else beta
 
 
 def _temperature(beta: float, sigma: float) -> float:
