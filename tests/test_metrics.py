@@ -100,14 +100,31 @@ def test_quantized_normal_far_tails_are_finite_and_accurate(mu, sigma):
   log_p = _all_bins(mu, sigma)
   assert np.all(np.isfinite(log_p))
   reference = np.array([_reference_log_prob(x, mu, sigma) for x in _LEVELS])
-  # log P reaches -1e7 here. float32 holds it to ~6e-8 relative; 255 * mu is
-  # rounded to float32 (up to 4e-6 in bin units), which moves each standardised
-  # bin edge t by up to 1.5e-8 / sigma and log P by that times |d log P / dt|
-  # (about |t| + 1, so a relative error of ~2e-5 * 1.5e-8 / sigma / |t|):
-  # at most ~1e-5 of max(1, |log P|) for sigma >= 1e-3.
+  # log P reaches -1e7 here; float32 holds it to ~6e-8 relative.
   error = np.abs(log_p - reference) / np.maximum(1.0, np.abs(reference))
   assert error.max() < 2e-5, (error.max(), _LEVELS[error.argmax()])
   assert reference.min() < -1e3        # the case does reach far into a tail
+
+
+def test_quantized_normal_is_accurate_for_means_on_bin_edges_at_tiny_sigma():
+  # A mean on a bin edge puts |d log P / dt| at its largest near log P ~ -1.
+  # Computed plainly, 255 * mean rounds by up to 7.6e-6 bins in float32 (half
+  # an ulp in [128, 256)), 3e-4 standard deviations at sigma = 1e-4: errors
+  # of 2.4e-4 in log P. The exact offset keeps them at float32 rounding.
+  sigma = np.float32(1e-4)
+  rng = np.random.default_rng(0)
+  means = np.concatenate([(np.arange(100, 256) - 0.5) / 255,
+                          rng.uniform(0.0, 1.0, 100)]).astype(np.float32)
+  worst = 0.0
+  for mu in means:
+    bins = np.clip(np.round(mu * 255) + np.arange(-2, 3), 0, 255)
+    x = (bins / 255).astype(np.float32)
+    got = np.asarray(_log_prob(x, mu, sigma), np.float64)
+    reference = np.array([_reference_log_prob(float(v), float(mu), float(sigma))
+                          for v in x])
+    error = np.abs(got - reference) / np.maximum(1.0, np.abs(reference))
+    worst = max(worst, error.max())
+  assert worst < 1e-5, worst
 
 
 def test_quantized_normal_huge_and_tiny_sigma():
