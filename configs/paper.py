@@ -27,7 +27,9 @@ def _common(dataset: str, source: str, size: str) -> ml_collections.ConfigDict:
   config.dataset.source = source
   config.batch_size = 32 if size == "cpu" else 64
   config.num_steps = 3000 if size == "cpu" else 200_000
-  config.elbo.anneal_steps = config.num_steps // 2   # GQN: 200k of 1.6M+ steps
+  # GQN annealed sigma over its first 200k of 1.6M+ steps (1/8 of the run);
+  # scaled to these runs, over the first half (a choice, docs/results.md).
+  config.elbo.anneal_steps = config.num_steps // 2
   config.optimizer.learning_rate = 1e-3 if size == "cpu" else 5e-4
   config.log_every = 50 if size == "cpu" else 500
   config.image_every = 500 if size == "cpu" else 5000
