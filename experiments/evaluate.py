@@ -386,7 +386,11 @@ def evaluate_run(workdir: str, checkpoint: str = "latest", **kwargs) -> dict[str
     plt.imsave(workdir / f"eval{suffix}_{name}.png",
                image[..., 0] if image.shape[-1] == 1 else image, cmap="gray",
                vmin=0.0, vmax=1.0)
-  (workdir / f"eval{suffix}.json").write_text(json.dumps(result, indent=1, sort_keys=True))
+  # Written whole or not at all: an earlier eval.json is replaced only by a complete one.
+  path = workdir / f"eval{suffix}.json"
+  temporary = workdir / f".eval{suffix}.json.tmp"
+  temporary.write_text(json.dumps(result, indent=1, sort_keys=True))
+  os.replace(temporary, path)
   return result
 
 

@@ -580,7 +580,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   is_writer = jax.process_index() == 0
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_writer)
   if is_writer:  # what experiments.evaluate rebuilds the run from
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    temporary = workdir / ".config.json.tmp"   # replaced whole, never left half-written
+    temporary.write_text(config.to_json_best_effort(indent=1))
+    os.replace(temporary, workdir / "config.json")
   if first_step == 0:
     writer.write_hparams(_flatten(config))
   report_progress = periodic_actions.ReportProgress(
