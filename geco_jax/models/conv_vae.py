@@ -2,7 +2,7 @@
 
 Encoder: two stride-2 convolutions and a dense layer give the mean and log
 standard deviation of a diagonal Gaussian q(z|x); prior pi(z) = N(0, I); the
-KL is analytic. Decoder: a dense layer and two stride-2 transposed
+KL is analytic. Decoder: two dense layers and two stride-2 transposed
 convolutions give g(z) in [0, 1] (a sigmoid), the mean of the Gaussian
 likelihood whose global sigma is left to the objective (GECO's RE constraint
 or an ELBO baseline).
