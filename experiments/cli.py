@@ -36,9 +36,17 @@ def require(*names: str) -> None:
 USAGE_ERROR = 2
 
 
-def fail(message: str) -> None:
-  """One line on stderr, exit status 2."""
-  print(f"error: {message}", file=sys.stderr)
+def fail(message: str, *, abandon_threads: bool = False) -> None:
+  """One line on stderr, exit status 2.
+
+  ``abandon_threads``: exit at once (``os._exit``), for failures inside
+  libraries whose background threads (orbax's, TensorStore's) would otherwise
+  print tracebacks of their own while the interpreter shuts down.
+  """
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  if abandon_threads:
+    sys.stdout.flush()
+    os._exit(USAGE_ERROR)  # pylint: disable=protected-access
   sys.exit(USAGE_ERROR)
 
 

@@ -328,6 +328,12 @@ def _convdraw_marginal_kl(model, params, images, rng, batch_size: int = 64,
   return estimate_fn(latent, own, log_prior, images)
 
 
+def _first_words(error: Exception, limit: int = 200) -> str:
+  """An exception's message on one line, without TensorStore's spec dump."""
+  message = " ".join(str(error).split()).split(" See full TensorStore details")[0]
+  return message if len(message) <= limit else message[:limit] + "..."
+
+
 def _settings(checkpoint: str, kwargs) -> dict[str, Any]:
   return {"checkpoint": checkpoint, **kwargs}
 
@@ -373,8 +379,16 @@ def evaluate_run(workdir: str, checkpoint: str = "latest", **kwargs) -> dict[str
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {folder}.")
-  state = manager.restore(step, args=ocp.args.StandardRestore(experiment.initial_state()))
-  manager.close()
+  try:
+    state = manager.restore(step, args=ocp.args.StandardRestore(experiment.initial_state()))
+  except Exception as e:  # pylint: disable=broad-except
+    raise train.CheckpointError(
+        f"the checkpoint of step {step} in {folder} cannot be restored "
+        f"({type(e).__name__}: {_first_words(e)}). Resuming the run "
+        "(python -m experiments.main with its workdir) moves a damaged newest "
+        "checkpoint aside and goes on from the previous one.") from None
+  finally:
+    manager.close()
   result = evaluate_state(experiment, state, **kwargs)
   result.update({"workdir": str(workdir), "checkpoint": checkpoint, "step": int(step),
                  "objective": config.objective, "model": config.model.name,
@@ -410,6 +424,7 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   from experiments import setup
+  from experiments import train
   cli.quiet_library_logs()
   try:
     kwargs = dict(num_train=NUM_TRAIN.value, num_test=NUM_TEST.value,
@@ -420,6 +435,8 @@ def main(argv):
     result = evaluate_run(cli.WORKDIR.value, CHECKPOINT.value, **kwargs)
   except (FileNotFoundError, setup.ConfigError) as e:
     cli.fail(" ".join(str(e).split()))
+  except train.CheckpointError as e:
+    cli.fail(" ".join(str(e).split()), abandon_threads=True)
   print("eval: " + json.dumps(result, sort_keys=True), flush=True)
 
 

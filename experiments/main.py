@@ -58,13 +58,13 @@ def main(argv):
   cli.apply_xla_flags(config)
   if config.distributed:
     initialize_distributed()
+  from experiments import train
   try:
     data = setup.make_dataset(config)  # a missing dataset is reported here
     logging.info("Config:\n%s", config)
-    from experiments import train
     summary = train.train_and_evaluate(config, cli.WORKDIR.value, data=data)
-  except setup.ConfigError as e:
-    cli.fail(str(e))
+  except (setup.ConfigError, train.CheckpointError) as e:
+    cli.fail(" ".join(str(e).split()))
   except FloatingPointError as e:  # Diverged: reported, the checkpoints kept.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

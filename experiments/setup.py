@@ -372,20 +372,25 @@ def _run_identity(config: dict) -> dict[str, Any]:
   model = config.get("model")
   if isinstance(model, dict):
     model = {k: v for k, v in model.items() if k != "convolutions"}
-  return {"model": model,
-          "dataset.name": (config.get("dataset") or {}).get("name"),
-          "dataset.image_size": (config.get("dataset") or {}).get("image_size"),
-          "objective": config.get("objective"),
-          "elbo.learn_sigma": (config.get("elbo") or {}).get("learn_sigma"),
-          "constraints": sorted(config.get("constraints") or {})}
+  identity = {"model": model,
+              "dataset.name": (config.get("dataset") or {}).get("name"),
+              "dataset.image_size": (config.get("dataset") or {}).get("image_size"),
+              "objective": config.get("objective"),
+              "elbo.learn_sigma": (config.get("elbo") or {}).get("learn_sigma"),
+              "constraints": sorted(config.get("constraints") or {})}
+  if config.get("objective") == "geco":
+    # The dual optimiser's state is part of GECO's (runs from before the
+    # field existed used Algorithm 1's SGD).
+    identity["geco.dual"] = (config.get("geco") or {}).get("dual", "sgd")
+  return identity
 
 
 def check_workdir_matches(config: ml_collections.ConfigDict, workdir) -> None:
   """Refuses a workdir whose checkpoints belong to a run of another model.
 
   A resumed run may change anything else (its length, logging, learning rates,
-  tolerances); a different model, dataset, objective or set of constraints
-  would not restore its checkpoints, which would then be moved aside as
+  tolerances); a different model, dataset, objective, set of constraints or
+  GECO dual optimiser would not restore its checkpoints, which would then be moved aside as
   broken, and its config.json overwritten.
 
   Raises:
@@ -397,7 +402,12 @@ def check_workdir_matches(config: ml_collections.ConfigDict, workdir) -> None:
   if not stored_path.exists() or not checkpoints.exists() or not any(
       p.name.isdigit() for p in checkpoints.iterdir()):
     return
-  stored = _run_identity(json.loads(stored_path.read_text()))
+  try:
+    stored = _run_identity(json.loads(stored_path.read_text()))
+  except ValueError as e:
+    raise ConfigError(
+        f"{stored_path} is not valid JSON ({e}); it records the run whose checkpoints "
+        f"are in {checkpoints}. Restore it, or use another --workdir.") from None
   wanted = _run_identity(json.loads(config.to_json_best_effort()))
   differ = [f"{key}: {stored[key]} there, {wanted[key]} here" for key in stored
             if stored[key] != wanted[key]]

@@ -377,26 +377,49 @@ class Experiment:
 
 # ------------------------------------------------------------ checkpoints ---
 
+class CheckpointError(RuntimeError):
+  """No checkpoint of a run restores into its config; nothing was changed."""
+
+
 def _restore_newest(manager: ocp.CheckpointManager, target: TrainState,
                     workdir: epath.Path) -> Optional[TrainState]:
-  """The newest checkpoint that restores and is finite; broken ones moved aside."""
+  """The newest checkpoint that restores and is finite; broken newer ones moved aside.
+
+  Checkpoints are moved (to ``corrupt_checkpoints/``) only once an older one
+  has restored: when none does, the cause is more likely the config than the
+  files (a state of another shape), so nothing is moved and ``CheckpointError``
+  says so. None when there is no checkpoint.
+  """
+  failures = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       state = manager.restore(step, args=ocp.args.StandardRestore(target))
       if not bool(to_host(_all_finite(state.params))):
         raise ValueError("it holds non-finite parameters")
-      return state
     except Exception as e:  # pylint: disable=broad-except
       message = " ".join(str(e).split())[:300]
-      aside = workdir / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
-      logging.error("Checkpoint of step %d cannot be restored (%s: %s); moved to %s, "
-                    "trying the previous one.", step, type(e).__name__, message, aside)
-      print(f"warning: checkpoint of step {step} cannot be restored ({type(e).__name__}:"
-            f" {message}); moved to {aside}; trying the previous one.", file=sys.stderr)
+      logging.error("Checkpoint of step %d cannot be restored (%s: %s); trying the "
+                    "previous one.", step, type(e).__name__, message)
+      failures.append((step, f"{type(e).__name__}: {message}"))
+      continue
+    for broken, message in failures:
+      aside = workdir / "corrupt_checkpoints" / f"{broken}-{int(time.time())}"
+      print(f"warning: checkpoint of step {broken} cannot be restored ({message}); "
+            f"moved to {aside}; resuming from step {step}.", file=sys.stderr)
       if jax.process_index() == 0:
         aside.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(os.fspath(manager.directory / str(step)), os.fspath(aside))
+        shutil.move(os.fspath(manager.directory / str(broken)), os.fspath(aside))
+    if failures:
       manager.reload()
+    return state
+  if failures:
+    steps = ", ".join(str(step) for step, _ in failures)
+    raise CheckpointError(
+        f"none of the checkpoints in {manager.directory} (steps {steps}) restores into "
+        f"this config; the newest: {failures[0][1]}. Nothing was changed. If the config "
+        "differs from the run's in what shapes its state, use the run's config "
+        "(its config.json) or another --workdir; if the checkpoints are damaged, move "
+        "them away to start over.")
   return None
 
 

@@ -59,6 +59,21 @@ def test_evaluate_writes_the_papers_metrics(tiny_run):
   assert result["train_root_mse"] == pytest.approx(result["sigma_star"], rel=1e-6)
 
 
+def test_a_damaged_checkpoint_is_one_clear_error(tiny_run, tmp_path):
+  import shutil
+
+  workdir, _ = tiny_run
+  damaged = tmp_path / "damaged"
+  shutil.copytree(workdir, damaged)
+  (damaged / "eval.json").write_text('{"kept": true}')
+  for path in (damaged / "checkpoints" / "4").rglob("*"):
+    if path.is_file() and path.stat().st_size > 0:
+      path.write_bytes(path.read_bytes()[:5])
+  with pytest.raises(train.CheckpointError, match="checkpoint of step 4 .* cannot be restored"):
+    evaluate.evaluate_run(str(damaged), num_train=64, num_marginal=0)
+  assert json.loads((damaged / "eval.json").read_text()) == {"kept": True}
+
+
 def test_a_run_older_than_a_config_field_still_evaluates(tiny_run, tmp_path):
   """config.json written before a field existed: the field takes configs/base.py's default."""
   import shutil

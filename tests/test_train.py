@@ -117,6 +117,9 @@ def test_a_workdir_of_another_model_is_refused_and_left_as_it_was(tmp_path):
   with pytest.raises(setup.ConfigError, match=r"holds checkpoints of another run \(model: "
                      r".*'latent_size': 4.* there, .*'latent_size': 8.* here\)"):
     train.train_and_evaluate(other, str(workdir))
+  # Another dual optimiser: its state has another shape (it would not restore).
+  with pytest.raises(setup.ConfigError, match=r"geco.dual: sgd there, pi here"):
+    train.train_and_evaluate(tiny_config(num_steps=8, **{"geco.dual": "pi"}), str(workdir))
   assert (workdir / "config.json").read_text() == stored
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps
   assert not (workdir / "corrupt_checkpoints").exists()
@@ -143,6 +146,16 @@ def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_previous_one_used(
   # Resumed from step 4, so the run equals a straight 12-step run.
   straight = train.train_and_evaluate(tiny_config(num_steps=12), str(tmp_path / "s"))
   np.testing.assert_allclose(summary["lambda"]["re"], straight["lambda"]["re"], rtol=1e-6)
+
+  # When no checkpoint restores, none is moved and the run does not start over.
+  steps = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  for path in (workdir / "checkpoints").rglob("*"):
+    if path.is_file() and path.stat().st_size > 0:
+      path.write_bytes(path.read_bytes()[:5])
+  with pytest.raises(train.CheckpointError, match=r"none of the checkpoints .* restores"):
+    train.train_and_evaluate(tiny_config(num_steps=16), str(workdir))
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps
+  assert len(list((workdir / "corrupt_checkpoints").iterdir())) == 1
 
 
 def test_best_feasible_keeps_the_lowest_kl_state_that_meets_every_constraint(tmp_path):
