@@ -50,6 +50,16 @@ def fail(message: str, *, abandon_threads: bool = False) -> None:
   sys.exit(USAGE_ERROR)
 
 
+def _missing_field(error: Exception) -> str:
+  """"it has no field 'x'" (+ ConfigDict's "Did you mean ..."), from its nested KeyError."""
+  while error.args and isinstance(error.args[0], Exception):
+    error = error.args[0]
+  text = str(error.args[0]) if error.args else str(error)
+  name, _, hint = text.partition("\n")
+  message = f"it has no field {name.strip(chr(34) + chr(39) + ' ')!r}"
+  return f"{message}; {hint.strip()}" if hint.strip() else message
+
+
 def parse_flags(argv):
   """Parse flags; a bad flag or config is one line and exit status 2, not a traceback."""
   try:
@@ -61,9 +71,13 @@ def parse_flags(argv):
       # first line and the exception it ends with.
       fail(f"{lines[0]} {lines[-1].strip()}")
     fail(lines[0] if lines else type(e).__name__)
-  except (OSError, ImportError, SyntaxError, AttributeError, KeyError, TypeError,
-          ValueError) as e:  # Raised while loading a broken config module.
-    fail(f"could not load the config: {type(e).__name__}: {e}")
+  except (AttributeError, KeyError) as e:   # an override of a field that does not exist
+    fail(f"could not load the config: {_missing_field(e)} ({type(e).__name__}): a "
+         "--config.<field>=... override, or the config file itself, names a field that "
+         "does not exist.")
+  except Exception as e:  # pylint: disable=broad-except
+    # Raised while loading a broken config module (its get_config included).
+    fail(f"could not load the config: {type(e).__name__}: {' '.join(str(e).split())}")
 
 
 def config_or_fail() -> ml_collections.ConfigDict:

@@ -63,8 +63,10 @@ CONVDRAW_NUM_MARGINAL = 500
 CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", ["latest", "best_feasible"],
                                 "Which checkpoint of the run to evaluate.")
 NUM_TRAIN = flags.DEFINE_integer("num_train", 10000,
-                                  "Training examples used to refit sigma* (0: all).")
-NUM_TEST = flags.DEFINE_integer("num_test", 0, "Test examples to evaluate (0: all).")
+                                  "Training examples used to refit sigma* (0: all).",
+                                  lower_bound=0)
+NUM_TEST = flags.DEFINE_integer("num_test", 0, "Test examples to evaluate (0: all).",
+                                lower_bound=0)
 MEASURE_WITH = config_flags.DEFINE_config_file(
     "measure_with", None,
     "A config file whose constraints (config.constraints) are measured on the test "
@@ -375,6 +377,8 @@ def evaluate_run(workdir: str, checkpoint: str = "latest", **kwargs) -> dict[str
   experiment = train.Experiment(config, data, jax.devices()[:1])
   workdir = epath.Path(os.path.abspath(workdir))  # orbax needs absolute paths
   folder = workdir / ("checkpoints" if checkpoint == "latest" else "best_feasible")
+  if not folder.is_dir():   # (a CheckpointManager would create it)
+    raise FileNotFoundError(f"no checkpoint in {folder}.")
   manager = ocp.CheckpointManager(folder)
   step = manager.latest_step()
   if step is None:

@@ -34,7 +34,8 @@ _CLASSIFIER = flags.DEFINE_string("classifier", "runs/mnist_classifier/classifie
                                   "The MNIST classifier of the CLA variant.")
 _CLA_TOLERANCE = flags.DEFINE_float("cla_tolerance", 0.9,
                                     "CLA: mean probability of the true class.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 100, "Posterior samples per image.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 100, "Posterior samples per image.",
+                                    lower_bound=1)
 
 
 def variants(config, classifier: str, cla_tolerance: float) -> dict:

@@ -58,6 +58,14 @@ VAE_NVP_PRESETS = {"cpu": vae_nvp_lib.CPU_PRESET,
 OBJECTIVES = ("geco", "elbo", "elbo_annealed")
 DUALS = ("sgd", "pi")
 CONSTRAINTS = ("re", "fre", "pncc", "kl", "cla")
+# The fields each constraint's section may hold (make_constraint_fn reads them).
+CONSTRAINT_FIELDS = {
+    "re": ("tolerance", "lambda_lr"),
+    "fre": ("tolerance", "lambda_lr", "features", "classifier", "patch_size", "stride"),
+    "pncc": ("tolerance", "lambda_lr", "patch_size", "stride"),
+    "kl": ("tolerance", "lambda_lr"),
+    "cla": ("tolerance", "lambda_lr", "classifier"),
+}
 # FRE's feature maps: patch means and stds, or a trained classifier's penultimate layer.
 FRE_FEATURES = ("local_statistics", "classifier")
 # Sections whose keys depend on the chosen model / dataset / constraints.
@@ -239,6 +247,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.constraints.{name}: unknown constraint; known: {CONSTRAINTS}.")
     require(isinstance(spec, ml_collections.ConfigDict),
             f"config.constraints.{name} must be a section with a tolerance; got {spec!r}.")
+    unknown = sorted(set(spec.keys()) - set(CONSTRAINT_FIELDS[name]))
+    require(not unknown,
+            f"config.constraints.{name}: unknown field(s) {unknown}; known: "
+            f"{list(CONSTRAINT_FIELDS[name])}.")
+    for field in ("patch_size", "stride"):
+      if field in spec:
+        value = spec[field]
+        require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"config.constraints.{name}.{field} must be an integer >= 1; got {value!r}.")
     if "lambda_lr" in spec:
       positive(spec.lambda_lr, f"constraints.{name}.lambda_lr")
     tolerance = spec.get("tolerance")
@@ -383,6 +400,24 @@ def _run_identity(config: dict) -> dict[str, Any]:
     # field existed used Algorithm 1's SGD).
     identity["geco.dual"] = (config.get("geco") or {}).get("dual", "sgd")
   return identity
+
+
+def prepare_workdir(workdir) -> None:
+  """Creates ``workdir`` (and its parents) and checks that it can be written.
+
+  Raises:
+    ConfigError: it is a file, lies under one, or cannot be created or written.
+  """
+  workdir = pathlib.Path(workdir)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f".write_probe.{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    reason = e.strerror or type(e).__name__
+    raise ConfigError(f"--workdir {workdir} cannot be used: {reason} "
+                      f"({e.filename or workdir}).") from None
 
 
 def check_workdir_matches(config: ml_collections.ConfigDict, workdir) -> None:

@@ -576,8 +576,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ``devices`` those of the mesh (default: all).
 
   Raises:
-    setup.ConfigError: a config or dataset problem, or a workdir that holds
-      another model's run (before anything compiles).
+    setup.ConfigError: a config or dataset problem, a workdir that cannot be
+      written or that holds another model's run (before anything compiles),
+      or model arguments that the model itself rejects.
+    CheckpointError: the workdir has checkpoints and none restores.
     FloatingPointError: ``max_consecutive_nonfinite`` skipped updates in a row.
   """
   setup.validate_config(config)
@@ -587,9 +589,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if data is None:
     data = setup.make_dataset(config)
   experiment = Experiment(config, data, devices)
-  workdir.mkdir(parents=True, exist_ok=True)
-
-  state = experiment.initial_state()
+  try:
+    state = experiment.initial_state()
+  except (TypeError, ValueError) as e:   # the model's own checks of its arguments
+    raise setup.ConfigError(
+        f"config.model: the {config.model.name} model cannot be built: "
+        f"{type(e).__name__}: {' '.join(str(e).split())}") from None
+  setup.prepare_workdir(workdir)   # nothing is written for a config that fails above
   checkpoints = ocp.CheckpointManager(
       workdir / "checkpoints",
       options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints_to_keep))

@@ -449,11 +449,15 @@ def main(argv):
   config = cli.config_or_fail()
   from experiments import setup
   from geco_jax.data import DatasetNotFoundError
+  from geco_jax.models import classifier as classifier_lib
 
   try:
     validate_config(config)
     data = load_data(config)
-  except (setup.ConfigError, DatasetNotFoundError) as e:
+    # Before training: a workdir that cannot hold the classifier fails now.
+    classifier_lib.check_save_path(os.path.join(cli.WORKDIR.value, CLASSIFIER_DIR))
+    setup.prepare_workdir(cli.WORKDIR.value)
+  except (setup.ConfigError, DatasetNotFoundError, FileExistsError) as e:
     fail(" ".join(str(e).split()))
   cli.quiet_library_logs()
   logging.info("Config:\n%s", config)

@@ -405,6 +405,16 @@ def _assert_one_line_error(result, message):
   assert message in lines[0]
 
 
+@needs_mnist
+def test_a_workdir_that_cannot_hold_the_classifier_fails_before_training(tmp_path):
+  (tmp_path / "run" / "classifier").mkdir(parents=True)
+  (tmp_path / "run" / "classifier" / "notes.txt").write_text("mine")
+  result = _run("--workdir", str(tmp_path / "run"))
+  _assert_one_line_error(result, "exists and is not a saved classifier")
+  assert "step" not in result.stdout, "it did not train"
+  assert (tmp_path / "run" / "classifier" / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config.no_such_key=1"], "no_such_key"),
     (["--config.min_accuracy=1.5", "--config.model.features=(16,0)"], "min_accuracy"),

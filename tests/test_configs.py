@@ -98,3 +98,24 @@ def test_apply_xla_flags_puts_the_configs_flags_first(monkeypatch):
   monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
   cli.apply_xla_flags(config)                                         # too late: unchanged
   assert os.environ["XLA_FLAGS"] == ""
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lamda_lr", 1e-3, r"constraints.re: unknown field\(s\) \['lamda_lr'\]"),
+    ("stride", 0, r"constraints.re: unknown field"),
+])
+def test_a_constraint_section_holds_only_its_own_fields(field, value, message):
+  from configs import default
+  config = default.get_config()
+  config.constraints.re[field] = value
+  with pytest.raises(setup.ConfigError, match=message):
+    setup.validate_config(config)
+
+
+@pytest.mark.parametrize("value", [0, -2, 2.5, True])
+def test_patch_sizes_and_strides_are_positive_integers(value):
+  from configs import convdraw_cifar10_pncc
+  config = convdraw_cifar10_pncc.get_config()
+  config.constraints.pncc.stride = value
+  with pytest.raises(setup.ConfigError, match=r"constraints.pncc.stride must be an integer"):
+    setup.validate_config(config)

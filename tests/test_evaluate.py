@@ -172,15 +172,20 @@ def test_measure_with_a_missing_config_is_one_line_and_status_2(tiny_run):
   assert len(lines) == 1 and "no_such_config.py" in lines[0], result.stderr[-2000:]
 
 
-def test_evaluate_without_a_run_is_one_line_and_status_2(tmp_path):
+@pytest.mark.parametrize("args, message", [
+    ([], "config.json"),
+    (["--num_test=-5"], "num_test"),       # before: evaluated 59 of 64 examples, status 0
+    (["--num_train=-250"], "num_train"),
+])
+def test_evaluate_bad_input_is_one_line_and_status_2(tmp_path, args, message):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   result = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--workdir",
-                           str(tmp_path / "nothing")], cwd=ROOT, env=env,
+                           str(tmp_path / "nothing"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and "config.json" in lines[0]
+  assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
 
 
 def test_information_plane_variants():

@@ -50,6 +50,8 @@ def _summary(result) -> dict:
     (["--config", "configs/convdraw_mnist.py", "--config.model.convolutions=cudnn"],
      "convolutions must be one of"),
     (["--config", "configs/default.py", "--config.batch_size=30000"], "batch_size"),
+    (["--config", "configs/default.py", "--config.model.hiden_size=8"],
+     "it has no field 'hiden_size'; Did you mean \"hidden_size\""),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path, args, message):
   result = _run(*args, "--workdir", str(tmp_path / "run"))
@@ -74,6 +76,34 @@ def test_an_unknown_field_in_a_config_file_is_an_error(tmp_path):
   assert result.stderr.strip().splitlines() == [
       line for line in result.stderr.strip().splitlines() if line.startswith("error: ")]
   assert "optimizer.learnig_rate" in result.stderr
+
+
+def test_model_arguments_the_model_rejects_are_one_line(tmp_path):
+  config_file = tmp_path / "steps0.py"
+  config_file.write_text(
+      "from configs import nvp_mnist\n"
+      "def get_config():\n"
+      "  config = nvp_mnist.get_config()\n"
+      "  config.model.latent_size = 1\n"      # VAENVP's own check: >= 2
+      "  config.dataset.num_train = 64\n"
+      "  return config\n")
+  result = _run("--config", str(config_file), "--workdir", str(tmp_path / "run"))
+  assert result.returncode == 2, result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: config.model: the vae_nvp model cannot be built"), last
+  assert "latent_size >= 2" in last and "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path):
+  (tmp_path / "a_file").write_text("not a directory")
+  result = _run("--config", "configs/default.py", *SHORT,
+                "--workdir", str(tmp_path / "a_file" / "run"))
+  assert result.returncode == 2, result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: --workdir") and "cannot be used" in last, result.stderr
+  assert "Traceback" not in result.stderr
+  assert (tmp_path / "a_file").read_text() == "not a directory"
 
 
 def test_missing_workdir_is_an_error(tmp_path):

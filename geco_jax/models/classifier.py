@@ -66,6 +66,7 @@ __all__ = [
     "MNISTClassifier",
     "TRAIN_COMMAND",
     "architecture_of",
+    "check_save_path",
     "load_classifier",
     "load_feature_fn",
     "load_probability_fn",
@@ -376,6 +377,23 @@ def _replace_directory(new: str, path: str) -> None:
   shutil.rmtree(previous, ignore_errors=True)
 
 
+def check_save_path(path: str | os.PathLike) -> str:
+  """``path`` as an absolute path if ``save_classifier`` may write there.
+
+  Call it before training, so that a run is not spent on a classifier that
+  could not be saved.
+
+  Raises:
+    FileExistsError: ``path`` exists and is not a saved classifier.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if os.path.lexists(path) and not _is_saved_classifier(path):
+    raise FileExistsError(
+        f"{path} exists and is not a saved classifier (no {_METADATA}); "
+        "refusing to replace it.")
+  return path
+
+
 def save_classifier(path: str | os.PathLike, params,
                     metadata: Mapping[str, Any]) -> str:
   """Save ``params`` and ``metadata`` as the classifier directory ``path``.
@@ -400,11 +418,7 @@ def save_classifier(path: str | os.PathLike, params,
       never replaced).
     TypeError: ``metadata`` is not JSON-serialisable.
   """
-  path = os.path.abspath(os.fspath(path))
-  if os.path.lexists(path) and not _is_saved_classifier(path):
-    raise FileExistsError(
-        f"{path} exists and is not a saved classifier (no {_METADATA}); "
-        "refusing to replace it.")
+  path = check_save_path(path)
   # Checked before anything is written, so a bad value fails fast.
   metadata_json = json.dumps(dict(metadata), indent=2, sort_keys=True)
   parent, name = os.path.split(path)
