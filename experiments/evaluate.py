@@ -17,7 +17,10 @@ Reads the run's ``config.json`` and its newest checkpoint (or the
   ``--num_marginal`` test examples, with its Monte Carlo standard error (conv
   VAE, VAE+NVP, and ConvDraw against its learned prior, scoring every pair
   by teacher forcing: N^2 encoder passes, the slowest metric there; not for
-  ConditionalConvDraw);
+  ConditionalConvDraw). Each sample's own posterior stays in the mixture
+  (``geco_jax.metrics.marginal_kl``'s default, "keep-all", not leave-one-out):
+  unbiased for the N examples' mixture, biased upward, in expectation, as an
+  estimate of the population's KL(q(z) || pi(z)) (see its docstring);
 - ``rmse`` (the mean over test examples of each one's per-pixel RMSE),
   ``mse`` (the mean squared error over every test pixel, the paper's unit:
   "MSE=0.00029") and ``root_mse`` = sqrt(mse), and each constraint's mean C

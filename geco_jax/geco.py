@@ -19,7 +19,9 @@ The last line is gradient ascent on ``log lambda`` with the averaged constraint
 as its gradient; it keeps lambda positive. ``log lambda`` is also kept within
 ``[-LOG_MULTIPLIER_LIMIT, LOG_MULTIPLIER_LIMIT]`` (+-80: lambda within about
 [1.8e-35, 5.5e34]), so that lambda, stored as a float32, can neither round to
-0 nor overflow to inf, from which ``log lambda`` could never come back. Here the dual update is pluggable:
+0 nor overflow to inf, from which ``log lambda`` could never come back.
+
+Here the dual update is pluggable:
 ``dual_optimizer`` is any optax transformation applied to ``log lambda`` with
 ``-C_ma_t`` as its gradient (optax minimises), the default being SGD with
 learning rate ``lambda_lr``, which is the line above exactly.
