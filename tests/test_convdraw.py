@@ -458,16 +458,19 @@ def test_convdraw_marginal_kl_of_identical_images_is_its_path_kl():
   from experiments import evaluate
   model = ConvDraw(**TINY)
   x = jax.random.uniform(jax.random.PRNGKey(9), (5, *IMAGE_SHAPE))
-  params = model.init(_key(0), x, _key(1))
+  params = jax.jit(model.init)(_key(0), x, _key(1))
   rng = jax.random.PRNGKey(4)
+  # Compiled once each (eagerly, op by op, these took most of the test's time).
+  latent = jax.jit(lambda x, key: model.apply(params, x, key, method=model.trace).latent)
+  path_kl_of = jax.jit(lambda z, images: model.apply(params, z, images,
+                                                     method=model.log_posterior)
+                       - model.apply(params, z, method=model.log_prior))
   for images in (jnp.broadcast_to(x[:1], x.shape), x):
     estimate = evaluate._convdraw_marginal_kl(model, params, images, rng, batch_size=2,
                                               block_size=2)
-    z = jnp.concatenate([
-        model.apply(params, images[s:s + 2], jax.random.fold_in(rng, s),
-                    method=model.trace).latent for s in (0, 2, 4)])
-    path_kl = (model.apply(params, z, images, method=model.log_posterior)
-               - model.apply(params, z, method=model.log_prior))
+    z = jnp.concatenate([latent(images[s:s + 2], jax.random.fold_in(rng, s))
+                         for s in (0, 2, 4)])
+    path_kl = path_kl_of(z, images)
     if images is x:
       assert float(estimate.kl) >= float(jnp.mean(path_kl)) - np.log(5) - 1e-3
       assert float(estimate.kl) < float(jnp.mean(path_kl)) - 1e-3   # distinct: below

@@ -78,32 +78,33 @@ def test_an_unknown_field_in_a_config_file_is_an_error(tmp_path):
   assert "optimizer.learnig_rate" in result.stderr
 
 
-def test_model_arguments_the_model_rejects_are_one_line(tmp_path):
-  config_file = tmp_path / "steps0.py"
-  config_file.write_text(
-      "from configs import nvp_mnist\n"
-      "def get_config():\n"
-      "  config = nvp_mnist.get_config()\n"
-      "  config.model.latent_size = 1\n"      # VAENVP's own check: >= 2
-      "  config.dataset.num_train = 64\n"
-      "  return config\n")
-  result = _run("--config", str(config_file), "--workdir", str(tmp_path / "run"))
-  assert result.returncode == 2, result.stderr
-  last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: config.model: the vae_nvp model cannot be built"), last
-  assert "latent_size >= 2" in last and "Traceback" not in result.stderr
+def test_model_arguments_the_model_rejects_are_a_config_error(tmp_path):
+  # Checks that only the model makes (VAENVP: latent_size >= 2) are reported as
+  # a ConfigError (one line and status 2 from experiments.main, above), and
+  # before the workdir is created.
+  from configs import nvp_mnist
+  from experiments import setup
+  from experiments import train
+  config = nvp_mnist.get_config()
+  config.model.latent_size = 1
+  config.dataset.num_train, config.dataset.num_test = 64, 32
+  with pytest.raises(setup.ConfigError,
+                     match=r"config.model: the vae_nvp model cannot be built: .*latent_size >= 2"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
 
-def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path):
+def test_a_workdir_that_cannot_be_written_is_a_config_error(tmp_path):
+  # (experiments.main reports a ConfigError as one line and status 2, above.)
+  from experiments import setup
   (tmp_path / "a_file").write_text("not a directory")
-  result = _run("--config", "configs/default.py", *SHORT,
-                "--workdir", str(tmp_path / "a_file" / "run"))
-  assert result.returncode == 2, result.stderr
-  last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: --workdir") and "cannot be used" in last, result.stderr
-  assert "Traceback" not in result.stderr
+  for workdir, reason in ((tmp_path / "a_file", "File exists"),
+                          (tmp_path / "a_file" / "run", "Not a directory")):
+    with pytest.raises(setup.ConfigError, match=f"--workdir {workdir} cannot be used: {reason}"):
+      setup.prepare_workdir(workdir)
   assert (tmp_path / "a_file").read_text() == "not a directory"
+  setup.prepare_workdir(tmp_path / "new" / "run")
+  assert (tmp_path / "new" / "run").is_dir() and not list((tmp_path / "new" / "run").iterdir())
 
 
 def test_missing_workdir_is_an_error(tmp_path):
