@@ -7,6 +7,11 @@ cache lets each program compile once per session. The cache lives in a fresh
 temporary directory, removed at the end, so no session reads another's entries
 (a cache directory already set in the environment is kept and left as it is).
 Measured: tests/test_train.py 223 s without, 137 s with (2-core CPU).
+
+Under pytest-xdist (the default, ``-n auto`` in pyproject.toml) this file is
+imported by the controlling process first, and the worker processes it starts
+inherit its environment, so they all share the controller's cache directory,
+which the controller removes at the end.
 """
 
 import os
