@@ -149,7 +149,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   ``check_data`` checks the rest once the data is loaded.
   """
   _unknown_keys(config, base_config.get_config())
-  require(_is_int(config.seed), f"config.seed must be an integer; got {config.seed!r}.")
+  require(_is_int(config.seed) and config.seed >= 0,
+          f"config.seed must be an integer >= 0; got {config.seed!r}.")
   for name in ("batch_size", "num_steps", "log_every", "image_every", "eval_every",
                "checkpoint_every", "max_checkpoints_to_keep", "num_image_samples",
                "max_consecutive_nonfinite"):

@@ -449,15 +449,38 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
-class _BestFeasible:
-  """The lowest-KL state whose constraints all hold on the evaluation set."""
+def _feasibility_criteria(config: ml_collections.ConfigDict) -> dict:
+  """What decides whether a state is feasible: the constraints (but their
+  multiplier step sizes) and the evaluation set."""
+  return {"constraints": {name: {k: v for k, v in spec.items() if k != "lambda_lr"}
+                          for name, spec in config.constraints.to_dict().items()},
+          "eval_num_examples": config.eval_num_examples}
 
-  def __init__(self, workdir: epath.Path):
+
+class _BestFeasible:
+  """The lowest-KL state whose constraints all hold on the evaluation set.
+
+  The record names the criteria it was judged by (``_feasibility_criteria``).
+  A run resumed with other tolerances or another evaluation set starts a new
+  record: the old one's state may break the new constraints. (Its checkpoint
+  stays until a state feasible under the new criteria replaces it.)
+  """
+
+  def __init__(self, workdir: epath.Path, criteria: dict):
     self.record_path = workdir / "best_feasible.json"
+    self.criteria = criteria
     self.manager = ocp.CheckpointManager(
         workdir / "best_feasible", options=ocp.CheckpointManagerOptions(max_to_keep=1))
     self.record = (json.loads(self.record_path.read_text())
                    if self.record_path.exists() else None)
+    # (Records written before they named their criteria are kept as they are.)
+    if self.record is not None and self.record.get("criteria", criteria) != criteria:
+      message = (f"best_feasible.json (step {self.record.get('step')}) was judged by other "
+                 f"constraints or another evaluation set ({self.record['criteria']}, now "
+                 f"{criteria}); a new best feasible state is looked for.")
+      logging.warning(message)
+      print(f"warning: {message}", file=sys.stderr)
+      self.record = None
 
   def update(self, state: TrainState, step: int, eval_metrics: dict) -> bool:
     constraints = {k[len("constraint/"):]: v for k, v in eval_metrics.items()
@@ -469,7 +492,7 @@ class _BestFeasible:
     self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
     self.manager.wait_until_finished()
     self.record = {"step": step, "kl": eval_metrics["kl"], "constraints": constraints,
-                   "eval": eval_metrics}
+                   "eval": eval_metrics, "criteria": self.criteria}
     if jax.process_index() == 0:  # written after the checkpoint is complete
       tmp = self.record_path.parent / (self.record_path.name + ".tmp")
       tmp.write_text(json.dumps(self.record, indent=1, sort_keys=True))
@@ -604,7 +627,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = restored
     logging.info("Resumed from the checkpoint of step %d.", int(to_host(state.step)))
   first_step = int(to_host(state.step))
-  best_feasible = _BestFeasible(workdir)
+  best_feasible = _BestFeasible(workdir, _feasibility_criteria(config))
 
   is_writer = jax.process_index() == 0
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_writer)

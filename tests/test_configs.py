@@ -119,3 +119,11 @@ def test_patch_sizes_and_strides_are_positive_integers(value):
   config.constraints.pncc.stride = value
   with pytest.raises(setup.ConfigError, match=r"constraints.pncc.stride must be an integer"):
     setup.validate_config(config)
+
+
+def test_the_seed_is_a_non_negative_integer():
+  from configs import default
+  config = default.get_config()
+  config.seed = -1
+  with pytest.raises(setup.ConfigError, match="config.seed must be an integer >= 0"):
+    setup.validate_config(config)

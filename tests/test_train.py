@@ -173,6 +173,13 @@ def test_best_feasible_keeps_the_lowest_kl_state_that_meets_every_constraint(tmp
   assert summary["best_feasible"] is None
   assert not (tmp_path / "hard" / "best_feasible.json").exists()
 
+  # Resumed under a tolerance the recorded state breaks: that record is not
+  # reported as feasible (before, it was, judged by the old tolerance).
+  stricter = tiny_config(num_steps=16, eval_every=4, **{"constraints.re.tolerance": 0.0})
+  summary = train.train_and_evaluate(stricter, str(tmp_path / "easy"))
+  assert summary["best_feasible"] is None
+  assert json.loads((tmp_path / "easy" / "best_feasible.json").read_text()) == record
+
 
 def test_a_non_finite_step_is_skipped_and_the_state_unchanged():
   config = tiny_config()
