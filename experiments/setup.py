@@ -426,8 +426,8 @@ def check_workdir_matches(config: ml_collections.ConfigDict, workdir) -> None:
 
   A resumed run may change anything else (its length, logging, learning rates,
   tolerances); a different model, dataset, objective, set of constraints or
-  GECO dual optimiser would not restore its checkpoints, which would then be moved aside as
-  broken, and its config.json overwritten.
+  GECO dual optimiser would not restore its checkpoints (refused here, before
+  anything is read or written, rather than found out when restoring).
 
   Raises:
     ConfigError: naming each differing field.
