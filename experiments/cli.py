@@ -50,13 +50,16 @@ def fail(message: str, *, abandon_threads: bool = False) -> None:
   sys.exit(USAGE_ERROR)
 
 
+_QUOTES = "\"' "
+
+
 def _missing_field(error: Exception) -> str:
   """"it has no field 'x'" (+ ConfigDict's "Did you mean ..."), from its nested KeyError."""
   while error.args and isinstance(error.args[0], Exception):
     error = error.args[0]
   text = str(error.args[0]) if error.args else str(error)
   name, _, hint = text.partition("\n")
-  message = f"it has no field {name.strip(chr(34) + chr(39) + ' ')!r}"
+  message = f"it has no field {name.strip(_QUOTES)!r}"
   return f"{message}; {hint.strip()}" if hint.strip() else message
 
 
