@@ -328,6 +328,15 @@ def torch_runner(torch, config, images, layout: str, threads: int,
   set: inductor's CPU kernels keep the thread count they were compiled with) by
   one step whose time is the runner's ``compile_s``; the state is restored after.
   """
+  # The twin's GECO is the RE constraint with the plain (sgd) dual update:
+  # anything else would time a different objective than the JAX step's.
+  others = sorted(set(config.constraints.keys()) - {"re"})
+  dual = (config.get("geco") or {}).get("dual", "sgd")
+  if config.objective == "geco" and (others or dual != "sgd"):
+    raise ValueError(
+        "torch_runner's twin runs GECO with the RE constraint and the sgd dual "
+        f"update only; this config has constraints {sorted(config.constraints.keys())} "
+        f"and dual {dual!r}.")
   from benchmarks import torch_models
   from experiments import setup
 

@@ -52,12 +52,14 @@ def test_torch_twins_compute_the_flax_function(name):
   x = _images()
   rng = jax.random.PRNGKey(2)
 
-  @jax.jit
-  def init_and_apply(x):
-    params = model.init(jax.random.PRNGKey(0), x, jax.random.PRNGKey(1))
-    return params, model.apply(params, x, rng)
-
-  params, out = init_and_apply(x)
+  params = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, jax.random.PRNGKey(1)))(x)
+  # Flax initialises biases to zero, which would hide a twin that drops one
+  # (e.g. the prior's bias, the prior itself at t = 1): random biases instead.
+  bias_rng = np.random.default_rng(3)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: (leaf + 0.1 * bias_rng.standard_normal(leaf.shape, np.float32)
+                          if getattr(path[-1], "key", None) == "bias" else leaf), params)
+  out = jax.jit(lambda params, x: model.apply(params, x, rng))(params, x)
   kwargs = setup.model_kwargs(config, (28, 28, 1))
   # The noise each Flax model draws from ``rng``, in torch's layout.
   if name == "conv_vae":
@@ -109,6 +111,23 @@ def test_torch_geco_step_follows_geco_jax():
     np.testing.assert_allclose(float(step.constraint_ma),
                                float(geco_jax.constraint_moving_average(opt_state)["re"]),
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["constraint", "dual"])
+def test_torch_runner_refuses_what_its_twin_does_not_run(change):
+  """The twin's GECO is RE with the sgd dual: another config is an error, not a silent RE."""
+  torch = pytest.importorskip("torch")
+  import ml_collections
+
+  from benchmarks import step_time
+
+  config = default.get_config()
+  if change == "constraint":
+    config.constraints.fre = ml_collections.ConfigDict({"tolerance": 0.1})
+  else:
+    config.geco.dual = "pi"
+  with pytest.raises(ValueError, match="RE constraint and the sgd dual"):
+    step_time.torch_runner(torch, config, _images(64), "nchw", 1)
 
 
 @pytest.mark.slow   # about 30 s: a fresh process compiles and times the conv VAE
