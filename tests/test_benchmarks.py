@@ -314,3 +314,51 @@ def test_conv_ops_rejects_an_unknown_preset():
       cwd=_ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert done.returncode != 0
   assert "--preset must be one of" in done.stderr.strip().splitlines()[-1]
+
+
+def test_convdraw_noise_generators_draw_standard_normals():
+  """Lever 36's variants: deterministic in the key, the right shape, N(0, 1) but 'zeros'."""
+  from benchmarks import convdraw_noise
+
+  generators = convdraw_noise.normal_generators()
+  assert sorted(generators) == sorted(convdraw_noise.VARIANTS)
+  key = jax.random.PRNGKey(4)
+  shape = (8, 32, 14, 14, 8)
+  for name, draw in generators.items():
+    noise = np.asarray(jax.jit(lambda k, draw=draw: draw(k, shape))(key))
+    assert noise.shape == shape and noise.dtype == np.float32
+    if name == "zeros":
+      assert not noise.any()
+      continue
+    np.testing.assert_array_equal(noise, np.asarray(draw(key, shape)))   # deterministic
+    # 401,408 draws: mean within 5 standard errors, variance and kurtosis near 1 and 3.
+    assert abs(noise.mean()) < 5 / np.sqrt(noise.size)
+    assert abs(noise.var() - 1) < 0.01
+    assert abs(np.mean(noise**4) - 3) < 0.05
+  other = np.asarray(generators["rbg"](jax.random.PRNGKey(5), shape))
+  assert not np.array_equal(other, np.asarray(generators["rbg"](key, shape)))
+
+
+def test_convdraw_noise_rejects_an_unknown_variant():
+  done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.convdraw_noise", "--variants=base,philox", "--json="],
+      cwd=_ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode != 0
+  assert "--variants must name some of" in done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow   # about 20 s: two ConvDraw steps compiled in a fresh process
+def test_convdraw_noise_cli_writes_the_results(tmp_path):
+  out = tmp_path / "noise.json"
+  done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.convdraw_noise", "--variants=base,zeros",
+       "--batch=2", "--rounds=1", "--seconds=0.05", f"--json={out}"],
+      cwd=_ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads(out.read_text())
+  assert results["machine"]["xla_flags"] == convdraw_mnist.get_config().xla_flags
+  assert list(results["variants"]) == ["base", "zeros"]
+  assert results["variants"]["base"]["x_of_base"] == 1.0
+  # No noise: fewer FLOPs (exp(log s) * eps and its gradient are gone).
+  assert results["variants"]["zeros"]["gflop"] < results["variants"]["base"]["gflop"]
+  assert set(results["alone_ms"]) == {"base", "rbg", "unsafe_rbg"}
