@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.data_dir = config_dict.placeholder(str)   # npz: $GECO_DATA_DIR
   config.dataset.num_train = config_dict.placeholder(int)  # derived/generated sets
   config.dataset.num_test = config_dict.placeholder(int)
+  # The last num_validation training examples (after num_train) are held out,
+  # not trained on: the 'validation' split that eval_split may name.
+  config.dataset.num_validation = 0
 
   # name: conv_vae | convdraw | conditional_convdraw | vae_nvp. preset: a
   # ConvDraw preset (geco_jax.models.convdraw.PRESETS) or a VAE+NVP one (cpu,
@@ -61,7 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every = 100                # metrics fetched from the device every k steps
   config.image_every = 1000
   config.num_image_samples = 64
-  config.eval_every = 1000              # test-set evaluation and best_feasible
+  config.eval_every = 1000              # periodic evaluation and best_feasible
+  # The split they use: "test", or "validation" (dataset.num_validation > 0), so
+  # that best_feasible is not chosen on the test set it is then reported on.
+  config.eval_split = "test"
   config.eval_num_examples = config_dict.placeholder(int)  # None: the whole split
   config.checkpoint_every = 1000
   config.max_checkpoints_to_keep = 3

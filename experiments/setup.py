@@ -57,6 +57,8 @@ VAE_NVP_PRESETS = {"cpu": vae_nvp_lib.CPU_PRESET,
                    "micro_mnist": vae_nvp_lib.MICRO_MNIST_PRESET}
 OBJECTIVES = ("geco", "elbo", "elbo_annealed")
 DUALS = ("sgd", "pi")
+# Where the periodic evaluation and best_feasible look (config.eval_split).
+EVAL_SPLITS = ("test", "validation")
 CONSTRAINTS = ("re", "fre", "pncc", "kl", "cla")
 # The fields each constraint's section may hold (make_constraint_fn reads them).
 CONSTRAINT_FIELDS = {
@@ -157,6 +159,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _positive_int(config, name)
   if config.eval_num_examples is not None:
     _positive_int(config, "eval_num_examples")
+  require(config.eval_split in EVAL_SPLITS,
+          f"config.eval_split must be one of {EVAL_SPLITS}; got {config.eval_split!r}.")
   require(isinstance(config.distributed, bool),
           f"config.distributed must be True or False; got {config.distributed!r}.")
   require(isinstance(config.data_on_device, bool),
@@ -178,6 +182,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ("num_train", "num_test"):
     if data.get(name) is not None:
       _positive_int(data, name, "dataset.")
+  num_validation = data.get("num_validation", 0)
+  require(_is_int(num_validation) and num_validation >= 0,
+          f"config.dataset.num_validation must be an integer >= 0; got {num_validation!r}.")
+  require(config.eval_split != "validation" or num_validation > 0,
+          "config.eval_split='validation' needs config.dataset.num_validation > 0 "
+          "(the training examples held out for it).")
   if data.name == "sprites":
     size = data.get("image_size", 28)
     require(_is_int(size) and size >= 8 and size % 4 == 0,
@@ -306,6 +316,9 @@ def _example_keys(split: dict) -> dict[str, np.ndarray]:
 def make_dataset(config: ml_collections.ConfigDict) -> dict:
   """{'train': {'image', ...}, 'test': {...}} as NumPy arrays, checked.
 
+  With ``config.dataset.num_validation`` = n > 0, the last n training examples
+  (after ``num_train``) are a third split, 'validation', and not trained on.
+
   Every split has 'image' (the image to model: the target of a context-target
   dataset), and 'context' or 'label' where the dataset has them.
 
@@ -315,7 +328,8 @@ def make_dataset(config: ml_collections.ConfigDict) -> dict:
   """
   data = config.dataset
   options = {key: value for key, value in data.items()
-             if key not in ("name", "source", "data_dir", "num_train", "num_test")}
+             if key not in ("name", "source", "data_dir", "num_train", "num_test",
+                            "num_validation")}
   kwargs = dict(source=data.source, seed=config.seed, num_train=data.get("num_train"),
                 num_test=data.get("num_test"), **options)
   if data.source != "generated":
@@ -332,6 +346,16 @@ def make_dataset(config: ml_collections.ConfigDict) -> dict:
     for split, key in (("train", "num_train"), ("test", "num_test")):
       if data.get(key) is not None:  # the first examples, for quick runs
         splits[split] = {k: v[:data[key]] for k, v in splits[split].items()}
+  num_validation = data.get("num_validation", 0)
+  if num_validation:
+    num_train = len(splits["train"]["image"])
+    require(num_validation < num_train,
+            f"config.dataset.num_validation ({num_validation}) must leave training "
+            f"examples: {data.name}'s training split has {num_train}.")
+    # The last examples: the training set keeps its order and its first examples.
+    train = splits["train"]
+    splits["validation"] = {k: v[num_train - num_validation:] for k, v in train.items()}
+    splits["train"] = {k: v[:num_train - num_validation] for k, v in train.items()}
   splits = {split: _example_keys(arrays) for split, arrays in splits.items()}
   check_data(config, splits)
   return splits

@@ -26,7 +26,11 @@ Survival:
   checked finite before it is written, so no NaN reaches a checkpoint;
 - ``best_feasible``: at each evaluation, if every constraint holds on the
   evaluation set (mean C <= 0) and the KL is the lowest seen so far, that
-  state is kept in ``workdir/best_feasible`` with ``best_feasible.json``;
+  state is kept in ``workdir/best_feasible`` with ``best_feasible.json``.
+  The evaluation set is ``config.eval_split``: the test split by default, or
+  the training examples held out by ``config.dataset.num_validation``
+  ("validation"), so that the state is not chosen on the test set that
+  ``experiments.evaluate`` then reports it on;
 - ``workdir/seconds.json`` adds up the wall seconds of every call in the
   workdir (the summary's ``total_seconds``; ``seconds`` is this call's).
 
@@ -451,10 +455,19 @@ class _StopRequest:
 
 def _feasibility_criteria(config: ml_collections.ConfigDict) -> dict:
   """What decides whether a state is feasible: the constraints (but their
-  multiplier step sizes) and the evaluation set."""
-  return {"constraints": {name: {k: v for k, v in spec.items() if k != "lambda_lr"}
-                          for name, spec in config.constraints.to_dict().items()},
-          "eval_num_examples": config.eval_num_examples}
+  multiplier step sizes) and the evaluation set (the split, named when it is
+  not the test split, and how much of it)."""
+  criteria = {"constraints": {name: {k: v for k, v in spec.items() if k != "lambda_lr"}
+                              for name, spec in config.constraints.to_dict().items()},
+              "eval_num_examples": config.eval_num_examples}
+  if _eval_split(config) == "validation":
+    criteria.update(eval_split="validation",
+                    num_validation=config.dataset.num_validation)
+  return criteria
+
+
+def _eval_split(config: ml_collections.ConfigDict) -> str:
+  return config.get("eval_split", "test")
 
 
 class _BestFeasible:
@@ -686,8 +699,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                      f"checkpoint (step {checkpoints.latest_step()}) is kept.")
           checkpoints.save(step, args=ocp.args.StandardSave(state), force=True)
         if (step % config.eval_every == 0 or step == config.num_steps) and not stop.signal:
-          eval_metrics = experiment.evaluate(state, "test", config.eval_num_examples,
-                                             seed=config.seed + 1)
+          eval_metrics = experiment.evaluate(state, _eval_split(config),
+                                             config.eval_num_examples, seed=config.seed + 1)
           writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
           if best_feasible.update(state, step, eval_metrics):
             logging.info("Step %d: best feasible so far (eval KL %.4g).", step,
@@ -702,7 +715,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       best_feasible.close()
 
   if not eval_metrics and stop.signal is None:  # e.g. resumed from the final step
-    eval_metrics = experiment.evaluate(state, "test", config.eval_num_examples,
+    eval_metrics = experiment.evaluate(state, _eval_split(config), config.eval_num_examples,
                                        seed=config.seed + 1)
   summary: dict[str, Any] = {
       "step": int(to_host(state.step)),
@@ -711,6 +724,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "train_rmse": last_metrics.get("rmse"),
       "nonfinite_steps": int(to_host(state.nonfinite_steps)),
       "eval": eval_metrics,
+      "eval_split": _eval_split(config),
       "best_feasible": best_feasible.record,
       "seconds": time.time() - started,
   }

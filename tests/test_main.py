@@ -52,6 +52,13 @@ def _summary(result) -> dict:
     (["--config", "configs/default.py", "--config.batch_size=30000"], "batch_size"),
     (["--config", "configs/default.py", "--config.model.hiden_size=8"],
      "it has no field 'hiden_size'; Did you mean \"hidden_size\""),
+    (["--config", "configs/default.py", "--config.eval_split=train"], "eval_split must be"),
+    (["--config", "configs/default.py", "--config.eval_split=validation"],
+     "needs config.dataset.num_validation > 0"),
+    (["--config", "configs/default.py", "--config.dataset.num_validation=-1"],
+     "num_validation must be an integer >= 0"),
+    (["--config", "configs/default.py", "--config.dataset.num_train=100",
+      "--config.dataset.num_validation=100"], "must leave training examples"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path, args, message):
   result = _run(*args, "--workdir", str(tmp_path / "run"))

@@ -181,6 +181,51 @@ def test_best_feasible_keeps_the_lowest_kl_state_that_meets_every_constraint(tmp
   assert json.loads((tmp_path / "easy" / "best_feasible.json").read_text()) == record
 
 
+def test_a_validation_split_is_held_out_of_training_and_chooses_best_feasible(tmp_path):
+  """dataset.num_validation: the last training examples, not trained on; with
+  eval_split='validation' the periodic evaluation and best_feasible use them."""
+  plain = setup.make_dataset(tiny_config())
+  held = setup.make_dataset(tiny_config(**{"dataset.num_validation": 56}))
+  assert set(held) == {"train", "test", "validation"}
+  for key in plain["train"]:
+    np.testing.assert_array_equal(held["train"][key], plain["train"][key][:200])
+    np.testing.assert_array_equal(held["validation"][key], plain["train"][key][200:])
+    np.testing.assert_array_equal(held["test"][key], plain["test"][key])
+
+  config = tiny_config(num_steps=8, eval_every=4, eval_split="validation",
+                       **{"dataset.num_validation": 56, "constraints.re.tolerance": 0.9})
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert summary["eval_split"] == "validation"
+  experiment = train.Experiment(config, setup.make_dataset(config))
+  state = experiment.initial_state()
+  restored = restore_state(tmp_path / "run")
+  state = state.replace(params=restored["params"])
+  on_validation = experiment.evaluate(state, "validation", seed=config.seed + 1)
+  on_test = experiment.evaluate(state, "test", seed=config.seed + 1)
+  assert summary["eval"] == pytest.approx(on_validation)
+  assert summary["eval"] != pytest.approx(on_test)
+  record = summary["best_feasible"]
+  assert record is not None and record["criteria"]["eval_split"] == "validation"
+  assert record["criteria"]["num_validation"] == 56
+  # The trainer never drew a held-out example: the batches of a run with the
+  # validation split are those of a run whose training set is the first 200.
+  first_200 = tiny_config(**{"dataset.num_train": 200})
+  a = train.Experiment(config, setup.make_dataset(config))
+  b = train.Experiment(first_200, setup.make_dataset(first_200))
+  for step in range(13):   # a bit more than one epoch of 12 batches
+    np.testing.assert_array_equal(a.train_batches.batch_at(step)["image"],
+                                  b.train_batches.batch_at(step)["image"])
+
+  # Resumed with the test split: the record judged on the validation set is dropped.
+  on_test_config = tiny_config(num_steps=12, eval_every=4,
+                               **{"dataset.num_validation": 56,
+                                  "constraints.re.tolerance": 0.9})
+  summary = train.train_and_evaluate(on_test_config, str(tmp_path / "run"))
+  assert summary["eval_split"] == "test"
+  assert summary["best_feasible"] is None or "eval_split" not in summary["best_feasible"][
+      "criteria"]
+
+
 def test_a_non_finite_step_is_skipped_and_the_state_unchanged():
   config = tiny_config()
   experiment = train.Experiment(config, setup.make_dataset(config))
