@@ -38,14 +38,17 @@ from benchmarks import timing
 
 VARIANTS = ("base", "base2", "zeros", "rbg", "unsafe_rbg")
 
-_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Any of {VARIANTS}; the first "
-                              "is the reference.")
-_BATCH = flags.DEFINE_integer("batch", 32, "Batch size (convdraw_mnist.py's: 32).")
+_VARIANTS = flags.DEFINE_list("noise_variants", list(VARIANTS),
+                              f"Any of {VARIANTS}; the first is the reference.")
+_BATCH = timing.shared_flag("batch", lambda: flags.DEFINE_integer(
+    "batch", 32, "Batch size (convdraw_mnist.py's: 32)."))
 # --seconds, --rounds and --json are benchmarks.step_time's flags (it is
 # imported for its JaxStep), with this benchmark's defaults.
 flags.FLAGS.set_default("seconds", 1.5)
 flags.FLAGS.set_default("rounds", 15)
 flags.FLAGS.set_default("json", "convdraw_noise.json")
+for _name in ("seconds", "rounds", "json"):
+  flags.declare_key_flag(_name)   # listed by --help
 _SECONDS = step_time._SECONDS   # pylint: disable=protected-access
 _ROUNDS = step_time._ROUNDS     # pylint: disable=protected-access
 _JSON = step_time._JSON         # pylint: disable=protected-access
@@ -85,7 +88,8 @@ def main(argv):
   del argv
   unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
   if unknown or not _VARIANTS.value:
-    raise app.UsageError(f"--variants must name some of {VARIANTS}; got {_VARIANTS.value}.")
+    raise app.UsageError(
+        f"--noise_variants must name some of {VARIANTS}; got {_VARIANTS.value}.")
   if _BATCH.value < 1 or _ROUNDS.value < 1 or _SECONDS.value <= 0:
     raise app.UsageError("--batch and --rounds must be >= 1 and --seconds > 0.")
   _set_xla_flags()

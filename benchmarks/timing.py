@@ -8,6 +8,8 @@ import statistics
 import time
 from typing import Callable, Optional
 
+from absl import flags
+
 
 def window(step: Callable, block: Callable, seconds: float) -> float:
   """Steps/s over one window of at least ``seconds`` (and one step).
@@ -95,3 +97,18 @@ def cpu_name() -> str:
       return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
   except (OSError, StopIteration):
     return platform.processor()
+
+
+def shared_flag(name: str, define: Callable[[], flags.FlagHolder]) -> flags.FlagHolder:
+  """``define()`` (a ``flags.DEFINE_...`` of ``name``), unless this process has that flag.
+
+  The benchmarks share flag names (--seconds, --rounds, --json, --torch, ...):
+  each defines its own through this, so that a process importing two of them
+  (the tests; ``convdraw_noise``, which times ``step_time``'s steps) shares the
+  first one's flag instead of failing on a duplicate. The module run as the
+  program defines and documents its own (``define`` is called from that module,
+  which absl's --help attributes it to).
+  """
+  if name in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+  return define()

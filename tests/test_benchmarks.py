@@ -341,17 +341,18 @@ def test_convdraw_noise_generators_draw_standard_normals():
 
 def test_convdraw_noise_rejects_an_unknown_variant():
   done = subprocess.run(
-      [sys.executable, "-m", "benchmarks.convdraw_noise", "--variants=base,philox", "--json="],
+      [sys.executable, "-m", "benchmarks.convdraw_noise", "--noise_variants=base,philox",
+       "--json="],
       cwd=_ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert done.returncode != 0
-  assert "--variants must name some of" in done.stderr.strip().splitlines()[-1]
+  assert "--noise_variants must name some of" in done.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow   # about 20 s: two ConvDraw steps compiled in a fresh process
 def test_convdraw_noise_cli_writes_the_results(tmp_path):
   out = tmp_path / "noise.json"
   done = subprocess.run(
-      [sys.executable, "-m", "benchmarks.convdraw_noise", "--variants=base,zeros",
+      [sys.executable, "-m", "benchmarks.convdraw_noise", "--noise_variants=base,zeros",
        "--batch=2", "--rounds=1", "--seconds=0.05", f"--json={out}"],
       cwd=_ROOT, capture_output=True, text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
@@ -362,3 +363,18 @@ def test_convdraw_noise_cli_writes_the_results(tmp_path):
   # No noise: fewer FLOPs (exp(log s) * eps and its gradient are gone).
   assert results["variants"]["zeros"]["gflop"] < results["variants"]["base"]["gflop"]
   assert set(results["alone_ms"]) == {"base", "rbg", "unsafe_rbg"}
+
+
+@pytest.mark.parametrize("order", ["forward", "reversed"])
+def test_the_benchmark_and_experiment_modules_import_together(order):
+  """Their absl flags do not collide (the tests import several in one process)."""
+  modules = ["benchmarks.step_time", "benchmarks.conv_ops", "benchmarks.convdraw_noise",
+             "benchmarks.input_pipeline", "experiments.main", "experiments.evaluate",
+             "experiments.information_plane", "experiments.phase_transitions",
+             "experiments.train_classifier", "experiments.micro_mnist"]
+  if order == "reversed":
+    modules = modules[::-1]
+  code = "import importlib\nfor m in %r:\n  importlib.import_module(m)\n" % (modules,)
+  done = subprocess.run([sys.executable, "-c", code], cwd=_ROOT, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]

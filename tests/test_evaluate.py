@@ -59,6 +59,60 @@ def test_evaluate_writes_the_papers_metrics(tiny_run):
   assert result["train_root_mse"] == pytest.approx(result["sigma_star"], rel=1e-6)
 
 
+def test_evaluate_agrees_with_an_independent_float64_computation(tiny_run):
+  """sigma* from the training split, then the quantized-normal NLL of the test
+  split, recomputed from the model's reconstructions in float64 with scipy's
+  normal CDF (paper appendix D), the same z per example (evaluate's seeds)."""
+  import jax
+  import orbax.checkpoint as ocp
+  from scipy import stats
+
+  from experiments import setup
+
+  workdir, _ = tiny_run
+  result = evaluate.evaluate_run(str(workdir), num_train=40, num_marginal=0)
+  config = evaluate.load_run_config(str(workdir))
+  data = setup.make_dataset(config)
+  experiment = train.Experiment(config, data, jax.devices()[:1])
+  manager = ocp.CheckpointManager(workdir / "checkpoints")
+  state = manager.restore(manager.latest_step(),
+                          args=ocp.args.StandardRestore(experiment.initial_state()))
+  manager.close()
+  model, params = experiment.model, state.params["model"]
+  rng, size = jax.random.PRNGKey(0), config.batch_size
+
+  def reconstructions(images, first_key):
+    out, kls = [], []
+    for i, start in enumerate(range(0, len(images), size)):
+      batch = images[start:start + size]
+      n = len(batch)
+      batch = np.concatenate([batch, np.repeat(batch[:1], size - n, axis=0)])
+      output = model.apply(params, batch, jax.random.fold_in(rng, first_key + i))
+      out.append(np.asarray(output.reconstruction, np.float64)[:n])
+      kls.append(np.asarray(output.kl, np.float64)[:n])
+    return np.concatenate(out), np.concatenate(kls)
+
+  train_x = data["train"]["image"][:40].astype(np.float64)
+  train_g, _ = reconstructions(data["train"]["image"][:40], 0)
+  sigma = math.sqrt(np.mean((train_x - train_g) ** 2))   # the MLE of one global sigma
+  assert result["sigma_star"] == pytest.approx(sigma, rel=1e-5)
+
+  test_x = data["test"]["image"].astype(np.float64)
+  test_g, test_kl = reconstructions(data["test"]["image"], 10**6)
+  k = np.rint(test_x * 255)            # 8-bit values; bins of width 1/255 around k/255
+  upper = np.where(k == 255, np.inf, (k + 0.5) / 255)
+  lower = np.where(k == 0, -np.inf, (k - 0.5) / 255)
+  log_p = np.log(stats.norm.cdf((upper - test_g) / sigma)
+                 - stats.norm.cdf((lower - test_g) / sigma))
+  nll = -log_p.reshape(len(test_x), -1).sum(axis=1).mean()
+  assert result["nll"] == pytest.approx(nll, rel=1e-4)
+  assert result["average_kl"] == pytest.approx(test_kl.mean(), rel=1e-5)
+  assert result["mse"] == pytest.approx(np.mean((test_x - test_g) ** 2), rel=1e-5)
+  assert result["rmse"] == pytest.approx(
+      np.sqrt(((test_x - test_g) ** 2).reshape(len(test_x), -1).mean(axis=1)).mean(),
+      rel=1e-5)
+
+
 def test_a_damaged_checkpoint_is_one_clear_error(tiny_run, tmp_path):
   import shutil
 
