@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.data_dir = config_dict.placeholder(str)   # npz: $GECO_DATA_DIR
   config.dataset.num_train = config_dict.placeholder(int)  # derived/generated sets
   config.dataset.num_test = config_dict.placeholder(int)
+  # Derived and generated datasets are drawn from this seed; None: config.seed
+  # (set it to keep one dataset across a sweep of config.seed).
+  config.dataset.seed = config_dict.placeholder(int)
   # The last num_validation training examples (after num_train) are held out,
   # not trained on: the 'validation' split that eval_split may name.
   config.dataset.num_validation = 0

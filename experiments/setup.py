@@ -182,6 +182,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ("num_train", "num_test"):
     if data.get(name) is not None:
       _positive_int(data, name, "dataset.")
+  if data.get("seed") is not None:
+    require(_is_int(data.seed) and data.seed >= 0,
+            f"config.dataset.seed must be an integer >= 0 or None; got {data.seed!r}.")
   num_validation = data.get("num_validation", 0)
   require(_is_int(num_validation) and num_validation >= 0,
           f"config.dataset.num_validation must be an integer >= 0; got {num_validation!r}.")
@@ -329,8 +332,9 @@ def make_dataset(config: ml_collections.ConfigDict) -> dict:
   data = config.dataset
   options = {key: value for key, value in data.items()
              if key not in ("name", "source", "data_dir", "num_train", "num_test",
-                            "num_validation")}
-  kwargs = dict(source=data.source, seed=config.seed, num_train=data.get("num_train"),
+                            "num_validation", "seed")}
+  seed = config.seed if data.get("seed") is None else data.seed
+  kwargs = dict(source=data.source, seed=seed, num_train=data.get("num_train"),
                 num_test=data.get("num_test"), **options)
   if data.source != "generated":
     kwargs["data_dir"] = data.get("data_dir")

@@ -55,6 +55,8 @@ def _summary(result) -> dict:
     (["--config", "configs/default.py", "--config.eval_split=train"], "eval_split must be"),
     (["--config", "configs/default.py", "--config.eval_split=validation"],
      "needs config.dataset.num_validation > 0"),
+    (["--config", "configs/default.py", "--config.dataset.seed=-1"],
+     "dataset.seed must be an integer >= 0"),
     (["--config", "configs/default.py", "--config.dataset.num_validation=-1"],
      "num_validation must be an integer >= 0"),
     (["--config", "configs/default.py", "--config.dataset.num_train=100",

@@ -181,6 +181,15 @@ def test_best_feasible_keeps_the_lowest_kl_state_that_meets_every_constraint(tmp
   assert json.loads((tmp_path / "easy" / "best_feasible.json").read_text()) == record
 
 
+def test_dataset_seed_keeps_a_generated_dataset_across_a_sweep_of_seeds():
+  base = setup.make_dataset(tiny_config(seed=0))
+  other_seed = setup.make_dataset(tiny_config(seed=7))
+  assert not np.array_equal(base["train"]["image"], other_seed["train"]["image"])
+  pinned = setup.make_dataset(tiny_config(seed=7, **{"dataset.seed": 0}))
+  for split in ("train", "test"):
+    np.testing.assert_array_equal(pinned[split]["image"], base[split]["image"])
+
+
 def test_a_validation_split_is_held_out_of_training_and_chooses_best_feasible(tmp_path):
   """dataset.num_validation: the last training examples, not trained on; with
   eval_split='validation' the periodic evaluation and best_feasible use them."""
