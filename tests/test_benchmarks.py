@@ -53,12 +53,13 @@ def test_torch_twins_compute_the_flax_function(name):
   rng = jax.random.PRNGKey(2)
 
   params = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, jax.random.PRNGKey(1)))(x)
-  # Flax initialises biases to zero, which would hide a twin that drops one
-  # (e.g. the prior's bias, the prior itself at t = 1): random biases instead.
-  bias_rng = np.random.default_rng(3)
+  # Flax initialises biases (and VAE+NVP's coupling outputs) to zero, which
+  # would hide a twin that drops one (e.g. the prior's bias, the prior itself
+  # at t = 1) or the layers before it: every parameter perturbed instead.
+  perturb_rng = np.random.default_rng(3)
   params = jax.tree_util.tree_map_with_path(
-      lambda path, leaf: (leaf + 0.1 * bias_rng.standard_normal(leaf.shape, np.float32)
-                          if getattr(path[-1], "key", None) == "bias" else leaf), params)
+      lambda path, leaf: leaf + (0.1 if getattr(path[-1], "key", None) == "bias" else 0.02)
+      * perturb_rng.standard_normal(leaf.shape, np.float32), params)
   out = jax.jit(lambda params, x: model.apply(params, x, rng))(params, x)
   kwargs = setup.model_kwargs(config, (28, 28, 1))
   # The noise each Flax model draws from ``rng``, in torch's layout.
