@@ -331,8 +331,9 @@ def torch_runner(torch, config, images, layout: str, threads: int,
   set: inductor's CPU kernels keep the thread count they were compiled with) by
   one step whose time is the runner's ``compile_s``; the state is restored after.
   """
-  # The twin's GECO is the RE constraint with the plain (sgd) dual update:
-  # anything else would time a different objective than the JAX step's.
+  # The twin's GECO is the RE constraint with the plain (sgd) dual update, and
+  # its ELBO has a fixed sigma: anything else would time a different objective
+  # than the JAX step's.
   others = sorted(set(config.constraints.keys()) - {"re"})
   dual = (config.get("geco") or {}).get("dual", "sgd")
   if config.objective == "geco" and (others or dual != "sgd"):
@@ -340,6 +341,12 @@ def torch_runner(torch, config, images, layout: str, threads: int,
         "torch_runner's twin runs GECO with the RE constraint and the sgd dual "
         f"update only; this config has constraints {sorted(config.constraints.keys())} "
         f"and dual {dual!r}.")
+  if config.objective not in ("geco", "elbo") or (
+      config.objective == "elbo" and config.elbo.get("learn_sigma")):
+    raise ValueError(
+        "torch_runner's twin runs GECO or the ELBO with a fixed sigma only; this config "
+        f"has objective {config.objective!r}"
+        + (" with a learned sigma." if config.objective == "elbo" else "."))
   from benchmarks import torch_models
   from experiments import setup
 

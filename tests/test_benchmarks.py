@@ -114,9 +114,13 @@ def test_torch_geco_step_follows_geco_jax():
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("change", ["constraint", "dual"])
-def test_torch_runner_refuses_what_its_twin_does_not_run(change):
-  """The twin's GECO is RE with the sgd dual: another config is an error, not a silent RE."""
+@pytest.mark.parametrize("change, message", [
+    ("constraint", "RE constraint and the sgd dual"),
+    ("dual", "RE constraint and the sgd dual"),
+    ("learned sigma", "with a learned sigma"),
+    ("annealed sigma", "objective 'elbo_annealed'")])
+def test_torch_runner_refuses_what_its_twin_does_not_run(change, message):
+  """The twin runs GECO (RE, sgd dual) or a fixed-sigma ELBO: else an error, not a silent twin."""
   torch = pytest.importorskip("torch")
   import ml_collections
 
@@ -125,9 +129,13 @@ def test_torch_runner_refuses_what_its_twin_does_not_run(change):
   config = default.get_config()
   if change == "constraint":
     config.constraints.fre = ml_collections.ConfigDict({"tolerance": 0.1})
-  else:
+  elif change == "dual":
     config.geco.dual = "pi"
-  with pytest.raises(ValueError, match="RE constraint and the sgd dual"):
+  elif change == "learned sigma":
+    config.objective, config.elbo.learn_sigma = "elbo", True
+  else:
+    config.objective = "elbo_annealed"
+  with pytest.raises(ValueError, match=message):
     step_time.torch_runner(torch, config, _images(64), "nchw", 1)
 
 
