@@ -21,7 +21,12 @@ program):
 
 "x of base" is the median over rounds of each variant's steps/s over base's
 in the same round. Also times the noise alone (one jitted call of each
-generator, the median of ``--rounds`` windows).
+generator at the model's noise shape, the median of ``--rounds`` windows).
+
+It shares ``benchmarks.step_time``'s flags (``--seconds``, ``--rounds``,
+``--json`` with this benchmark's defaults; ``--size``, ``--convdraw_convolutions``,
+``--convdraw_recurrence`` and ``--noconfig_xla_flags`` pick the step as there).
+Importing this module sets those defaults in the whole process.
 """
 
 from __future__ import annotations
@@ -55,12 +60,11 @@ _JSON = step_time._JSON         # pylint: disable=protected-access
 
 
 def _set_xla_flags() -> None:
-  """ConvDraw's config's flags into $XLA_FLAGS (the environment's value wins)."""
-  from configs import convdraw_mnist
-
+  """The ConvDraw config's flags into $XLA_FLAGS (the environment's value wins)."""
   current = os.environ.get("XLA_FLAGS", "").split()
   names = {f.split("=", 1)[0] for f in current}
-  wanted = [f for f in convdraw_mnist.get_config().get("xla_flags", "").split()
+  config = step_time._config("convdraw")   # pylint: disable=protected-access
+  wanted = [f for f in config.get("xla_flags", "").split()
             if f.split("=", 1)[0] not in names]
   os.environ["XLA_FLAGS"] = " ".join(wanted + current)
 
@@ -92,7 +96,8 @@ def main(argv):
         f"--noise_variants must name some of {VARIANTS}; got {_VARIANTS.value}.")
   if _BATCH.value < 1 or _ROUNDS.value < 1 or _SECONDS.value <= 0:
     raise app.UsageError("--batch and --rounds must be >= 1 and --seconds > 0.")
-  _set_xla_flags()
+  if step_time._CONFIG_XLA_FLAGS.value:   # pylint: disable=protected-access
+    _set_xla_flags()
   import jax
   import numpy as np
 
@@ -105,11 +110,16 @@ def main(argv):
                          "xla_flags": os.environ.get("XLA_FLAGS", "")},
              "batch": _BATCH.value, "rounds": _ROUNDS.value, "seconds": _SECONDS.value,
              "load_start": timing.load(), "variants": {}, "alone_ms": {}}
-  runners = []
+  runners, shapes = [], set()
   original = convdraw.jax.random.normal
   for name in _VARIANTS.value:
     jax.clear_caches()   # else the trace cache would hand back base's program
-    convdraw.jax.random.normal = generators[name]
+
+    def draw(key, shape, dtype=jax.numpy.float32, generate=generators[name]):
+      shapes.add(tuple(shape))   # the model's own noise shape, for the timing alone
+      return generate(key, shape, dtype)
+
+    convdraw.jax.random.normal = draw
     try:
       step = step_time.JaxStep(step_time._config("convdraw", batch_size=_BATCH.value),
                                images, jax.devices())
@@ -126,8 +136,9 @@ def main(argv):
         x_of_base=timing.paired_ratio(runner, runners[0]))
 
   # The noise alone: one jitted call per generator.
-  preset = convdraw.PRESETS["mnist_cpu"]
-  shape = (preset["num_steps"], _BATCH.value, 14, 14, preset["latent_channels"])
+  # The step's (its batch; model.init draws for one example).
+  shape = max(shapes, key=lambda s: int(np.prod(s)))
+  results["noise_shape"] = list(shape)
   key = jax.random.PRNGKey(0)
   for name in ("base", "rbg", "unsafe_rbg"):
     draw = jax.jit(lambda k, f=generators[name]: f(k, shape))
@@ -138,7 +149,7 @@ def main(argv):
     results["alone_ms"][name] = 1e3 / statistics.median(rates)
   results["load_end"] = timing.load()
 
-  print(f"\nConvDraw mnist_cpu, batch {_BATCH.value}: the trainer's step, "
+  print(f"\nConvDraw (noise {shape}), batch {_BATCH.value}: the trainer's step, "
         f"{_ROUNDS.value} rounds of {_SECONDS.value} s (load {results['load_start'][0]} -> "
         f"{results['load_end'][0]})")
   for name, r in results["variants"].items():

@@ -372,6 +372,7 @@ def test_convdraw_noise_cli_writes_the_results(tmp_path):
   # No noise: fewer FLOPs (exp(log s) * eps and its gradient are gone).
   assert results["variants"]["zeros"]["gflop"] < results["variants"]["base"]["gflop"]
   assert set(results["alone_ms"]) == {"base", "rbg", "unsafe_rbg"}
+  assert results["noise_shape"] == [8, 2, 14, 14, 8]   # T, batch, h/2, w/2, latent
 
 
 @pytest.mark.parametrize("order", ["forward", "reversed"])
