@@ -110,6 +110,8 @@ def main(argv):
   try:
     for variant in todo.values():
       setup.validate_config(variant)
+    # The data's checks too, before the workdir is made.
+    data = {name: setup.make_dataset(variant) for name, variant in todo.items()}
   except setup.ConfigError as e:
     cli.fail(str(e))
   cli.quiet_library_logs()
@@ -120,7 +122,7 @@ def main(argv):
   summaries, samples = {}, {}
   for name, variant in todo.items():
     run_dir = os.path.join(workdir, name)
-    summary = train.train_and_evaluate(variant, run_dir)
+    summary = train.train_and_evaluate(variant, run_dir, data=data[name])
     summaries[name] = {k: summary.get(k) for k in ("step", "eval", "lambda", "satisfied",
                                                    "sigma", "seconds", "total_seconds")}
     samples[name] = posterior_samples(run_dir, _NUM_SAMPLES.value)

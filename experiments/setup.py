@@ -188,6 +188,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   num_validation = data.get("num_validation", 0)
   require(_is_int(num_validation) and num_validation >= 0,
           f"config.dataset.num_validation must be an integer >= 0; got {num_validation!r}.")
+  require(not (num_validation and data.name == "micro_mnist"),
+          "config.dataset.num_validation: micro_mnist's test split is its training split "
+          "(its few images), so nothing can be held out of it.")
   require(config.eval_split != "validation" or num_validation > 0,
           "config.eval_split='validation' needs config.dataset.num_validation > 0 "
           "(the training examples held out for it).")
@@ -369,9 +372,12 @@ def check_data(config: ml_collections.ConfigDict, data: dict) -> None:
   """The checks that need the data's shapes; ``ConfigError`` if one fails."""
   train = data["train"]
   num_train = len(train["image"])
+  held_out = config.dataset.get("num_validation") or 0
   require(config.batch_size <= num_train,
           f"config.batch_size ({config.batch_size}) exceeds the {num_train} training "
-          f"examples of {config.dataset.name}.")
+          f"examples of {config.dataset.name}"
+          + (f" left after holding out config.dataset.num_validation={held_out}."
+             if held_out else "."))
   devices = jax.device_count()
   require(config.batch_size % devices == 0,
           f"config.batch_size ({config.batch_size}) must be divisible by the number of "
@@ -428,6 +434,17 @@ def _run_identity(config: dict) -> dict[str, Any]:
     # The dual optimiser's state is part of GECO's (runs from before the
     # field existed used Algorithm 1's SGD).
     identity["geco.dual"] = (config.get("geco") or {}).get("dual", "sgd")
+  data = config.get("dataset") or {}
+  num_validation = data.get("num_validation") or 0
+  if num_validation:
+    # Which examples are held out (the last num_validation of the first
+    # num_train, drawn from the dataset's seed): resuming with others would
+    # evaluate on examples the run has trained on. (Runs from before the field
+    # existed held none out, and have no such entry.)
+    seed = data.get("seed")
+    identity["held-out validation examples"] = {
+        "dataset.num_validation": num_validation, "dataset.num_train": data.get("num_train"),
+        "dataset seed": config.get("seed") if seed is None else seed}
   return identity
 
 
@@ -455,7 +472,10 @@ def check_workdir_matches(config: ml_collections.ConfigDict, workdir) -> None:
   A resumed run may change anything else (its length, logging, learning rates,
   tolerances); a different model, dataset, objective, set of constraints or
   GECO dual optimiser would not restore its checkpoints (refused here, before
-  anything is read or written, rather than found out when restoring).
+  anything is read or written, rather than found out when restoring). A run
+  with a validation split (``dataset.num_validation``) may not change which
+  examples it holds out, nor start or stop holding some out: it would then
+  evaluate on examples it has trained on.
 
   Raises:
     ConfigError: naming each differing field.
@@ -473,12 +493,14 @@ def check_workdir_matches(config: ml_collections.ConfigDict, workdir) -> None:
         f"{stored_path} is not valid JSON ({e}); it records the run whose checkpoints "
         f"are in {checkpoints}. Restore it, or use another --workdir.") from None
   wanted = _run_identity(json.loads(config.to_json_best_effort()))
-  differ = [f"{key}: {stored[key]} there, {wanted[key]} here" for key in stored
-            if stored[key] != wanted[key]]
+  differ = [f"{key}: {stored.get(key, 'none')} there, {wanted.get(key, 'none')} here"
+            for key in dict.fromkeys([*stored, *wanted])
+            if stored.get(key) != wanted.get(key)]
   if differ:
     raise ConfigError(
         f"{workdir} holds checkpoints of another run ({'; '.join(differ)}); they would not "
-        "restore into this config. Use another --workdir, or move that run away.")
+        "restore into this config, or (held-out examples) it would evaluate on examples "
+        "it trained on. Use another --workdir, or move that run away.")
 
 
 # Model --------------------------------------------------------------------- #

@@ -12,6 +12,7 @@ import pytest
 from experiments import evaluate
 from experiments import information_plane
 from experiments import train
+from tests.test_classifier import needs_mnist
 from tests.test_train import ROOT
 from tests.test_train import tiny_config
 
@@ -315,3 +316,19 @@ def test_micro_mnist_variants_from_a_locked_config(tmp_path):
   assert "cla" not in config.constraints
   assert list(micro_mnist.variants(config, str(tmp_path / "none"), 0.9)) == ["elbo",
                                                                               "geco_re"]
+
+
+@needs_mnist
+def test_micro_mnist_checks_its_data_before_writing(tmp_path):
+  """A batch larger than micro_mnist's images is one line, exit 2, and no workdir."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  done = subprocess.run(
+      [sys.executable, "-m", "experiments.micro_mnist", "--config",
+       "configs/nvp_micro_mnist.py", "--config.batch_size=8", "--workdir",
+       str(tmp_path / "run"), "--classifier", str(tmp_path / "none")],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 2, done.stderr[-2000:]
+  lines = [l for l in done.stderr.strip().splitlines() if l.startswith("error: ")]
+  assert len(lines) == 1 and "exceeds the 7 training examples" in lines[0], done.stderr
+  assert "Traceback" not in done.stderr
+  assert not (tmp_path / "run").exists()

@@ -61,6 +61,10 @@ def _summary(result) -> dict:
      "num_validation must be an integer >= 0"),
     (["--config", "configs/default.py", "--config.dataset.num_train=100",
       "--config.dataset.num_validation=100"], "must leave training examples"),
+    (["--config", "configs/default.py", "--config.dataset.num_train=100",
+      "--config.dataset.num_validation=50"], "left after holding out"),
+    (["--config", "configs/nvp_micro_mnist.py", "--config.dataset.num_validation=1"],
+     "nothing can be held out"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path, args, message):
   result = _run(*args, "--workdir", str(tmp_path / "run"))

@@ -190,7 +190,8 @@ def test_dataset_seed_keeps_a_generated_dataset_across_a_sweep_of_seeds():
     np.testing.assert_array_equal(pinned[split]["image"], base[split]["image"])
 
 
-def test_a_validation_split_is_held_out_of_training_and_chooses_best_feasible(tmp_path):
+def test_a_validation_split_is_held_out_of_training_and_chooses_best_feasible(
+    tmp_path, capsys):
   """dataset.num_validation: the last training examples, not trained on; with
   eval_split='validation' the periodic evaluation and best_feasible use them."""
   plain = setup.make_dataset(tiny_config())
@@ -225,14 +226,32 @@ def test_a_validation_split_is_held_out_of_training_and_chooses_best_feasible(tm
     np.testing.assert_array_equal(a.train_batches.batch_at(step)["image"],
                                   b.train_batches.batch_at(step)["image"])
 
+  # Resumed at its final step: the closing evaluation uses the validation split too.
+  again = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert again["eval_split"] == "validation"
+  assert again["eval"] == pytest.approx(on_validation)
+
   # Resumed with the test split: the record judged on the validation set is dropped.
   on_test_config = tiny_config(num_steps=12, eval_every=4,
                                **{"dataset.num_validation": 56,
                                   "constraints.re.tolerance": 0.9})
   summary = train.train_and_evaluate(on_test_config, str(tmp_path / "run"))
+  assert "another evaluation set" in capsys.readouterr().err
   assert summary["eval_split"] == "test"
-  assert summary["best_feasible"] is None or "eval_split" not in summary["best_feasible"][
-      "criteria"]
+  assert summary["best_feasible"] is None or (
+      summary["best_feasible"]["step"] == 12
+      and "eval_split" not in summary["best_feasible"]["criteria"])
+
+  # Holding out other examples on resume is refused: they were trained on.
+  for change in ({"dataset.num_validation": 40}, {"dataset.num_validation": 0},
+                 {"dataset.num_train": 200}, {"dataset.seed": 3}):
+    with pytest.raises(setup.ConfigError, match="held-out validation examples"):
+      setup.check_workdir_matches(
+          tiny_config(num_steps=16, **{"dataset.num_validation": 56, **change}),
+          tmp_path / "run")
+  setup.check_workdir_matches(   # the same held-out examples: resumes
+      tiny_config(num_steps=16, eval_split="validation", **{"dataset.num_validation": 56}),
+      tmp_path / "run")
 
 
 def test_a_non_finite_step_is_skipped_and_the_state_unchanged():
