@@ -59,16 +59,6 @@ _ROUNDS = step_time._ROUNDS     # pylint: disable=protected-access
 _JSON = step_time._JSON         # pylint: disable=protected-access
 
 
-def _set_xla_flags() -> None:
-  """The ConvDraw config's flags into $XLA_FLAGS (the environment's value wins)."""
-  current = os.environ.get("XLA_FLAGS", "").split()
-  names = {f.split("=", 1)[0] for f in current}
-  config = step_time._config("convdraw")   # pylint: disable=protected-access
-  wanted = [f for f in config.get("xla_flags", "").split()
-            if f.split("=", 1)[0] not in names]
-  os.environ["XLA_FLAGS"] = " ".join(wanted + current)
-
-
 def normal_generators() -> dict:
   """Each variant's stand-in for ``jax.random.normal(key, shape, dtype)``."""
   import jax
@@ -96,8 +86,11 @@ def main(argv):
         f"--noise_variants must name some of {VARIANTS}; got {_VARIANTS.value}.")
   if _BATCH.value < 1 or _ROUNDS.value < 1 or _SECONDS.value <= 0:
     raise app.UsageError("--batch and --rounds must be >= 1 and --seconds > 0.")
+  from experiments import cli
+
   if step_time._CONFIG_XLA_FLAGS.value:   # pylint: disable=protected-access
-    _set_xla_flags()
+    # Before JAX starts, as experiments.main does (the environment's flags win).
+    cli.apply_xla_flags(step_time._config("convdraw"))   # pylint: disable=protected-access
   import jax
   import numpy as np
 
