@@ -43,6 +43,7 @@ coordinates the checkpoint itself).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -453,16 +454,22 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
-def _feasibility_criteria(config: ml_collections.ConfigDict) -> dict:
+def _feasibility_criteria(config: ml_collections.ConfigDict,
+                          eval_images: Optional[np.ndarray] = None) -> dict:
   """What decides whether a state is feasible: the constraints (but their
   multiplier step sizes) and the evaluation set (the split, named when it is
-  not the test split, and how much of it)."""
+  not the test split, how much of it, and a digest of its images, which
+  changes with anything that changes them: a generated dataset's seed, the
+  examples held out, the source)."""
   criteria = {"constraints": {name: {k: v for k, v in spec.items() if k != "lambda_lr"}
                               for name, spec in config.constraints.to_dict().items()},
               "eval_num_examples": config.eval_num_examples}
   if _eval_split(config) == "validation":
     criteria.update(eval_split="validation",
                     num_validation=config.dataset.num_validation)
+  if eval_images is not None:
+    images = np.ascontiguousarray(eval_images[:config.eval_num_examples])
+    criteria["eval_images_sha1"] = hashlib.sha1(images.tobytes()).hexdigest()
   return criteria
 
 
@@ -486,8 +493,12 @@ class _BestFeasible:
         workdir / "best_feasible", options=ocp.CheckpointManagerOptions(max_to_keep=1))
     self.record = (json.loads(self.record_path.read_text())
                    if self.record_path.exists() else None)
-    # (Records written before they named their criteria are kept as they are.)
-    if self.record is not None and self.record.get("criteria", criteria) != criteria:
+    # (Records written before they named their criteria, or the digest of
+    # their evaluation images, are judged by what they name.)
+    judged_by = criteria if self.record is None else self.record.get("criteria", criteria)
+    now = criteria if "eval_images_sha1" in judged_by else {
+        k: v for k, v in criteria.items() if k != "eval_images_sha1"}
+    if judged_by != now:
       message = (f"best_feasible.json (step {self.record.get('step')}) was judged by other "
                  f"constraints or another evaluation set ({self.record['criteria']}, now "
                  f"{criteria}); a new best feasible state is looked for.")
@@ -640,7 +651,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = restored
     logging.info("Resumed from the checkpoint of step %d.", int(to_host(state.step)))
   first_step = int(to_host(state.step))
-  best_feasible = _BestFeasible(workdir, _feasibility_criteria(config))
+  best_feasible = _BestFeasible(workdir, _feasibility_criteria(
+      config, experiment.data[_eval_split(config)]["image"]))
 
   is_writer = jax.process_index() == 0
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_writer)

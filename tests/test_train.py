@@ -181,6 +181,33 @@ def test_best_feasible_keeps_the_lowest_kl_state_that_meets_every_constraint(tmp
   assert json.loads((tmp_path / "easy" / "best_feasible.json").read_text()) == record
 
 
+def test_best_feasible_is_dropped_when_its_evaluation_images_change(tmp_path, capsys):
+  """The record names a digest of the images it was judged on: another generated
+  test set (a resume with another dataset.seed) starts a new record."""
+  easy = {"constraints.re.tolerance": 0.9}
+  summary = train.train_and_evaluate(
+      tiny_config(num_steps=4, eval_every=4, **easy), str(tmp_path / "run"))
+  record = summary["best_feasible"]
+  assert record is not None and len(record["criteria"]["eval_images_sha1"]) == 40
+  path = tmp_path / "run" / "best_feasible.json"
+
+  # A record from before the digest existed is judged by what it names: kept.
+  older = {**record, "criteria": {k: v for k, v in record["criteria"].items()
+                                  if k != "eval_images_sha1"}}
+  path.write_text(json.dumps(older))
+  summary = train.train_and_evaluate(
+      tiny_config(num_steps=4, eval_every=4, **easy), str(tmp_path / "run"))
+  assert summary["best_feasible"] == older
+  assert "another evaluation set" not in capsys.readouterr().err
+
+  path.write_text(json.dumps(record))
+  summary = train.train_and_evaluate(
+      tiny_config(num_steps=4, eval_every=4, **easy, **{"dataset.seed": 5}),
+      str(tmp_path / "run"))
+  assert "another evaluation set" in capsys.readouterr().err
+  assert summary["best_feasible"] is None
+
+
 def test_dataset_seed_keeps_a_generated_dataset_across_a_sweep_of_seeds():
   base = setup.make_dataset(tiny_config(seed=0))
   other_seed = setup.make_dataset(tiny_config(seed=7))
