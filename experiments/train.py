@@ -469,7 +469,7 @@ def _feasibility_criteria(config: ml_collections.ConfigDict,
                     num_validation=config.dataset.num_validation)
   if eval_images is not None:
     images = np.ascontiguousarray(eval_images[:config.eval_num_examples])
-    criteria["eval_images_sha1"] = hashlib.sha1(images.tobytes()).hexdigest()
+    criteria["eval_images_sha1"] = hashlib.sha1(memoryview(images)).hexdigest()  # no copy
   return criteria
 
 
