@@ -35,7 +35,6 @@ frameworks alike) and gives the convolutions' time per step in each framework.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app
@@ -284,10 +283,7 @@ def main(argv):
   results["load_end"] = timing.load()
   results["summary"] = summary(results)
   print_report(results)
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(results, f, indent=1)
-    print(f"\nwrote {_JSON.value}")
+  timing.write_results(_JSON.value, results)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,7 @@ Importing this module sets those defaults in the whole process.
 
 from __future__ import annotations
 
-import json
 import os
-import statistics
 
 from absl import app
 from absl import flags
@@ -108,11 +106,11 @@ def main(argv):
   for name in _VARIANTS.value:
     jax.clear_caches()   # else the trace cache would hand back base's program
 
-    def draw(key, shape, dtype=jax.numpy.float32, generate=generators[name]):
+    def recording(key, shape, dtype=jax.numpy.float32, generate=generators[name]):
       shapes.add(tuple(shape))   # the model's own noise shape, for the timing alone
       return generate(key, shape, dtype)
 
-    convdraw.jax.random.normal = draw
+    convdraw.jax.random.normal = recording
     try:
       step = step_time.JaxStep(step_time._config("convdraw", batch_size=_BATCH.value),
                                images, jax.devices())
@@ -128,18 +126,17 @@ def main(argv):
         steps_per_s=runner.median, rates=runner.rates,
         x_of_base=timing.paired_ratio(runner, runners[0]))
 
-  # The noise alone: one jitted call per generator.
-  # The step's (its batch; model.init draws for one example).
+  # The noise alone, one jitted call per generator, at the step's shape (the
+  # largest drawn: model.init draws for one example).
   shape = max(shapes, key=lambda s: int(np.prod(s)))
   results["noise_shape"] = list(shape)
   key = jax.random.PRNGKey(0)
-  for name in ("base", "rbg", "unsafe_rbg"):
-    draw = jax.jit(lambda k, f=generators[name]: f(k, shape))
-    jax.block_until_ready(draw(key))
-    rates = []
-    for _ in range(_ROUNDS.value):
-      rates.append(timing.window(lambda: draw(key), jax.block_until_ready, 0.2))
-    results["alone_ms"][name] = 1e3 / statistics.median(rates)
+  alone = [timing.Runner(name, lambda f=jax.jit(generators[name], static_argnums=1): f(key, shape),
+                         jax.block_until_ready, seconds=0.2)
+           for name in ("base", "rbg", "unsafe_rbg")]
+  timing.interleave(alone, _ROUNDS.value, 0.2)
+  for runner in alone:
+    results["alone_ms"][runner.name] = 1e3 / runner.median
   results["load_end"] = timing.load()
 
   print(f"\nConvDraw (noise {shape}), batch {_BATCH.value}: the trainer's step, "
@@ -150,10 +147,7 @@ def main(argv):
           f"{r['x_of_base']:.3f}  ({r['gflop']:.3f} GFLOP)")
   print(f"noise alone ({int(np.prod(shape)):,} normals, ms): " + ", ".join(
       f"{k} {v:.2f}" for k, v in results["alone_ms"].items()))
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(results, f, indent=1)
-    print(f"wrote {_JSON.value}")
+  timing.write_results(_JSON.value, results)
 
 
 if __name__ == "__main__":

@@ -804,10 +804,7 @@ def main(argv):
     results["data_parallel"] = data_parallel()
   results["load_end"] = _load()
   print_report(results)
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(results, f, indent=1)
-    print(f"\nwrote {_JSON.value}")
+  timing.write_results(_JSON.value, results)
 
 
 if __name__ == "__main__":

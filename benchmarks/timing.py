@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -112,3 +113,13 @@ def shared_flag(name: str, define: Callable[[], flags.FlagHolder]) -> flags.Flag
   if name in flags.FLAGS:
     return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
   return define()
+
+
+def write_results(path: str, results: dict) -> None:
+  """``results`` as JSON at ``path`` ('' = not written), and say where."""
+  if not path:
+    return
+  with open(path, "w") as f:
+    json.dump(results, f, indent=1)
+  print(f"\nwrote {path}")
+
