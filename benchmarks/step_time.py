@@ -196,9 +196,14 @@ def _data(images) -> dict:
 
 
 class JaxStep:
-  """The trainer's compiled step for ``config`` on ``devices``, compiled ahead of time."""
+  """The trainer's compiled step for ``config`` on ``devices``, compiled ahead of time.
 
-  def __init__(self, config, images, devices):
+  ``compiler_options``: XLA options for this compilation only (``DebugOptions``
+  by name, as in ``$XLA_FLAGS`` without the dashes), on top of the process's
+  flags; ``benchmarks.xla_options`` compares them in one process.
+  """
+
+  def __init__(self, config, images, devices, compiler_options: Optional[dict] = None):
     import jax
 
     from experiments import train
@@ -210,7 +215,8 @@ class JaxStep:
     self.state = self._copy(self.initial)
     self.batch = self.experiment.batch_at(0)
     start = time.perf_counter()
-    self.compiled = self.experiment.step_fn.lower(self.state, self.batch).compile()
+    self.compiled = self.experiment.step_fn.lower(self.state, self.batch).compile(
+        compiler_options=compiler_options or None)
     self.compile_s = time.perf_counter() - start
     cost = self.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

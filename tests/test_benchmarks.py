@@ -375,11 +375,70 @@ def test_convdraw_noise_cli_writes_the_results(tmp_path):
   assert results["noise_shape"] == [8, 2, 14, 14, 8]   # T, batch, h/2, w/2, latent
 
 
+def test_xla_options_reads_its_variants():
+  from benchmarks import xla_options
+
+  variants = xla_options.parse_variants(
+      ["a:xla_cpu_ftz=true,--xla_cpu_parallel_codegen_split_count=4",
+       "b: xla_cpu_scheduler_type = CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"])
+  assert variants == {
+      "base": {}, "base2": {},
+      "a": {"xla_cpu_ftz": True, "xla_cpu_parallel_codegen_split_count": 4},
+      "b": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
+  for bad, message in [("a", "name:option=value"), ("a:", "name:option=value"),
+                       (":x=1", "name:option=value"), ("a:x", "is not option=value"),
+                       ("a:x=1,y", "is not option=value"), ("base:x=1", "distinct")]:
+    with pytest.raises(ValueError, match=message):
+      xla_options.parse_variants([bad])
+  with pytest.raises(ValueError, match="distinct"):
+    xla_options.parse_variants(["a:x=1", "a:y=2"])
+
+
+def test_xla_options_checks_every_option_with_xla():
+  from benchmarks import xla_options
+
+  xla_options.check_options({"base": {}, "ok": {"xla_cpu_ftz": True}})
+  with pytest.raises(ValueError, match="'bogus'.*No such compile option"):
+    xla_options.check_options({"bogus": {"xla_cpu_no_such_option": True}})
+  with pytest.raises(ValueError, match="'enum'.*not a valid enum value"):
+    xla_options.check_options({"enum": {"xla_cpu_scheduler_type": "FASTEST"}})
+
+
+def test_xla_options_cli_refuses_an_unknown_option_before_compiling():
+  done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.xla_options", "--model=conv_vae", "--json=",
+       "--variant=x:xla_cpu_no_such_option=1"],
+      cwd=_ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode != 0
+  assert "No such compile option" in done.stderr.strip().splitlines()[-1]
+  assert "compiled in" not in done.stdout
+
+
+@pytest.mark.slow   # about 15 s: three conv VAE steps compiled in a fresh process
+def test_xla_options_cli_writes_the_results(tmp_path):
+  out = tmp_path / "options.json"
+  done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.xla_options", "--model=conv_vae", "--batch=2",
+       "--rounds=1", "--seconds=0.05", f"--json={out}", "--variant=ftz:xla_cpu_ftz=true"],
+      cwd=_ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads(out.read_text())
+  assert results["model"] == "conv_vae" and results["batch"] == 2
+  assert list(results["variants"]) == ["base", "base2", "ftz"]
+  base, ftz = results["variants"]["base"], results["variants"]["ftz"]
+  assert base["x_of_base"] == 1.0 and base["options"] == {}
+  assert ftz["options"] == {"xla_cpu_ftz": True}
+  # The same program compiled twice is the same HLO; ftz acts in LLVM only.
+  assert results["variants"]["base2"]["hlo_same_as_base"] and ftz["hlo_same_as_base"]
+  assert len(ftz["rates"]) == 1 and ftz["steps_per_s"] > 0
+
+
 @pytest.mark.parametrize("order", ["forward", "reversed"])
 def test_the_benchmark_and_experiment_modules_import_together(order):
   """Their absl flags do not collide (the tests import several in one process)."""
   modules = ["benchmarks.step_time", "benchmarks.conv_ops", "benchmarks.convdraw_noise",
-             "benchmarks.input_pipeline", "experiments.main", "experiments.evaluate",
+             "benchmarks.input_pipeline", "benchmarks.xla_options", "benchmarks.convdraw_parts",
+             "experiments.main", "experiments.evaluate",
              "experiments.information_plane", "experiments.phase_transitions",
              "experiments.train_classifier", "experiments.micro_mnist"]
   if order == "reversed":
@@ -388,3 +447,86 @@ def test_the_benchmark_and_experiment_modules_import_together(order):
   done = subprocess.run([sys.executable, "-c", code], cwd=_ROOT, capture_output=True,
                         text=True, timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-2000:]
+
+
+class _FakeRunner:
+  def __init__(self, ms):
+    self.rates = [1e3 / m for m in ms]
+
+
+def test_convdraw_parts_splits_the_step_into_convolutions_and_the_rest():
+  from benchmarks import convdraw_parts
+
+  ms = {"jax xla": [120, 110], "jax onednn": [90, 100], "jax skip": [50, 50],
+        "torch": [100, 100], "torch skip": [40, 40]}
+  out = convdraw_parts.parts({name: _FakeRunner(v) for name, v in ms.items()})
+  assert out["step_ms"]["jax xla"] == pytest.approx(115)
+  assert out["outside_convolutions"] == pytest.approx(
+      {"jax_ms": 50, "torch_ms": 40, "jax_over_torch": 0.8})
+  convs = out["convolutions"]
+  assert convs["torch_ms"] == pytest.approx(60)
+  assert convs["jax_xla_ms"] == pytest.approx(65)          # median of 70 and 60
+  assert convs["jax_xla_over_torch"] == pytest.approx((60 / 70 + 1) / 2)
+  assert convs["jax_onednn_ms"] == pytest.approx(45)       # 40 and 50
+  assert convs["jax_onednn_over_torch"] == pytest.approx((1.5 + 1.2) / 2)
+  assert out["step_jax_xla_over_torch"] == pytest.approx((100 / 120 + 100 / 110) / 2)
+
+
+def test_convdraw_parts_torch_skip_convolves_only_the_strided_reads(monkeypatch):
+  torch = pytest.importorskip("torch")
+  import types
+
+  from benchmarks import convdraw_parts
+  from benchmarks import step_time
+  from benchmarks import torch_models
+
+  # torch_runner reads --torch_device; the flags are not parsed in this process.
+  monkeypatch.setattr(step_time, "_TORCH_DEVICE", types.SimpleNamespace(value="cpu"))
+  config = convdraw_mnist.get_config()
+  config.batch_size = 2
+  runner = convdraw_parts.torch_skip_runner(torch, config, _images(4), threads=1)
+  original = torch_models._conv_same, torch_models.SameConv2d.forward
+  strides, conv2d = [], torch_models.F.conv2d
+
+  def counting(x, w, bias=None, stride=1, *args):
+    strides.append(stride)
+    return conv2d(x, w, bias, stride, *args)
+
+  torch_models.F.conv2d = counting
+  try:
+    runner.setup()
+    runner.step()
+  finally:
+    torch_models.F.conv2d = conv2d
+  # read_x once and read_error at each of the T = 8 steps; no stride-1 convolution.
+  from geco_jax.models import convdraw_preset
+
+  assert strides == [2] * (1 + convdraw_preset("mnist_cpu")["num_steps"])
+  assert (torch_models._conv_same, torch_models.SameConv2d.forward) == original
+
+
+@pytest.mark.slow   # about 40 s: three ConvDraw steps compiled, torch twins, in a fresh process
+def test_convdraw_parts_cli_writes_the_results(tmp_path):
+  pytest.importorskip("torch")
+  from geco_jax.ops import onednn
+
+  ok, why = onednn.available()
+  if not ok:
+    if os.environ.get("GECO_REQUIRE_ONEDNN") == "1":
+      pytest.fail(f"GECO_REQUIRE_ONEDNN=1, but oneDNN is unavailable: {why}")
+    pytest.skip(f"oneDNN unavailable: {why}")
+  out = tmp_path / "parts.json"
+  done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.convdraw_parts", "--batch=2", "--rounds=1",
+       "--seconds=0.05", f"--json={out}"],
+      cwd=_ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads(out.read_text())
+  assert set(results["step_ms"]) == {"jax xla", "jax onednn", "jax skip", "torch",
+                                     "torch skip"}
+  # The skip program is the onednn program with other handlers: the same work
+  # outside the custom calls (XLA counts no FLOPs in those).
+  assert results["gflop"]["jax skip"] == results["gflop"]["jax onednn"]
+  assert results["gflop"]["jax skip"] < results["gflop"]["jax xla"] / 10
+  assert set(results["convolutions"]) == {"torch_ms", "jax_xla_ms", "jax_xla_over_torch",
+                                          "jax_onednn_ms", "jax_onednn_over_torch"}

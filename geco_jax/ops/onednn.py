@@ -56,7 +56,8 @@ import threading
 import jax
 import jax.numpy as jnp
 
-__all__ = ["OneDNNUnavailable", "available", "check_installed", "conv2d_same", "onednn_root",
+__all__ = ["OneDNNUnavailable", "available", "build_ffi_library", "check_installed", "conv2d_same",
+           "onednn_root",
            "require"]
 
 PACKAGES = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")
@@ -126,29 +127,40 @@ def check_installed() -> pathlib.Path:
 
 def _build(root: pathlib.Path) -> pathlib.Path:
   """The compiled handlers for this source, jaxlib and oneDNN; built once, then cached."""
+  lib = root / "lib"
+  return build_ffi_library(_SOURCE, "onednn_conv", [
+      "-fopenmp", f"-I{root / 'include'}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"],
+                           digest_extra=str(root.resolve()))
+
+
+def build_ffi_library(source: pathlib.Path, name: str, args: list[str],
+                      digest_extra: str = "") -> pathlib.Path:
+  """``source`` (C++ XLA FFI handlers) compiled against jaxlib's FFI headers, cached.
+
+  One build per source text, jaxlib version, compiler, ``args`` and
+  ``digest_extra``, kept in ``$GECO_JAX_CACHE`` as ``{name}-{digest}.so``.
+  Raises ``OneDNNUnavailable`` without a compiler or when the build fails.
+  """
   import jaxlib  # noqa: PLC0415 (only here: the build depends on jaxlib's version)
 
   compiler = _compiler()
   include = jax.ffi.include_dir()
   digest = hashlib.sha256()
-  for part in (_SOURCE.read_bytes(), jaxlib.__version__.encode(), str(include).encode(),
-               str(root.resolve()).encode(), compiler.encode()):
+  for part in (source.read_bytes(), jaxlib.__version__.encode(), str(include).encode(),
+               digest_extra.encode(), compiler.encode(), " ".join(args).encode()):
     digest.update(part)
-  target = _cache_dir() / f"onednn_conv-{digest.hexdigest()[:16]}.so"
+  target = _cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
-  lib = root / "lib"
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     built = pathlib.Path(tmp) / target.name
-    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
-               str(_SOURCE), "-o", str(built), f"-I{root / 'include'}", f"-I{include}",
-               f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"]
+    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", str(source), "-o",
+               str(built), f"-I{include}", *args]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
       raise OneDNNUnavailable(
-          f"building geco_jax's oneDNN handlers failed ({' '.join(command)}):\n"
-          f"{result.stderr[-4000:]}")
+          f"building {source.name} failed ({' '.join(command)}):\n{result.stderr[-4000:]}")
     os.replace(built, target)   # atomic: a concurrent build leaves one whole file
   return target
 
