@@ -45,16 +45,10 @@ _VARIANTS = flags.DEFINE_list("noise_variants", list(VARIANTS),
                               f"Any of {VARIANTS}; the first is the reference.")
 _BATCH = timing.shared_flag("batch", lambda: flags.DEFINE_integer(
     "batch", 32, "Batch size (convdraw_mnist.py's: 32)."))
-# --seconds, --rounds and --json are benchmarks.step_time's flags (it is
-# imported for its JaxStep), with this benchmark's defaults.
-flags.FLAGS.set_default("seconds", 1.5)
-flags.FLAGS.set_default("rounds", 15)
-flags.FLAGS.set_default("json", "convdraw_noise.json")
-for _name in ("seconds", "rounds", "json"):
-  flags.declare_key_flag(_name)   # listed by --help
-_SECONDS = step_time._SECONDS   # pylint: disable=protected-access
-_ROUNDS = step_time._ROUNDS     # pylint: disable=protected-access
-_JSON = step_time._JSON         # pylint: disable=protected-access
+# --seconds, --rounds and --json: benchmarks.step_time's (it is imported for
+# its JaxStep), with this benchmark's defaults.
+_SECONDS, _ROUNDS, _JSON = step_time.timing_flags(
+    __name__, seconds=1.5, rounds=15, json_path="convdraw_noise.json")
 
 
 def normal_generators() -> dict:

@@ -53,14 +53,10 @@ _SKIP_TARGET = "GecoBenchmarkSkipConv"
 
 _BATCH = timing.shared_flag("batch", lambda: flags.DEFINE_integer(
     "batch", 32, "Batch size (convdraw_mnist.py's: 32)."))
-flags.FLAGS.set_default("seconds", 1.5)
-flags.FLAGS.set_default("rounds", 9)
-flags.FLAGS.set_default("json", "convdraw_parts.json")
-for _name in ("seconds", "rounds", "json"):
-  flags.declare_key_flag(_name)   # listed by --help
-_SECONDS = step_time._SECONDS   # pylint: disable=protected-access
-_ROUNDS = step_time._ROUNDS     # pylint: disable=protected-access
-_JSON = step_time._JSON         # pylint: disable=protected-access
+# --seconds, --rounds and --json: benchmarks.step_time's (it is imported for
+# its JaxStep), with this benchmark's defaults.
+_SECONDS, _ROUNDS, _JSON = step_time.timing_flags(
+    __name__, seconds=1.5, rounds=9, json_path="convdraw_parts.json")
 
 
 def register_skip_handler() -> None:

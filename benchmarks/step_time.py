@@ -153,6 +153,21 @@ _CONFIG_XLA_FLAGS = timing.shared_flag("config_xla_flags", lambda: flags.DEFINE_
     "Time each model with its config's xla_flags (as experiments.main runs it): a "
     "model whose flags are not in this process's $XLA_FLAGS runs in a subprocess."))
 
+
+def timing_flags(module_name: str, *, seconds: float, rounds: int, json_path: str):
+  """``--seconds``, ``--rounds`` and ``--json`` for a benchmark that times these steps.
+
+  Sets their defaults to the benchmark's (in the whole process) and lists them
+  among its key flags in ``--help`` (``module_name``: the benchmark's
+  ``__name__``). Returns their holders.
+  """
+  module = sys.argv[0] if module_name == "__main__" else module_name   # as absl names it
+  for name, value in (("seconds", seconds), ("rounds", rounds), ("json", json_path)):
+    flags.FLAGS.set_default(name, value)
+    flags.FLAGS.register_key_flag_for_module(module, flags.FLAGS[name])
+  return _SECONDS, _ROUNDS, _JSON
+
+
 _MATMUL_SIZE = 2048
 
 

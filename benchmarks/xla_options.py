@@ -70,16 +70,10 @@ _VARIANT = flags.DEFINE_multi_string(
     "options) always come first.")
 _BATCH = timing.shared_flag("batch", lambda: flags.DEFINE_integer(
     "batch", None, "Batch size (default: the model's config's)."))
-# --seconds, --rounds and --json are benchmarks.step_time's flags (it is
-# imported for its JaxStep), with this benchmark's defaults.
-flags.FLAGS.set_default("seconds", 1.5)
-flags.FLAGS.set_default("rounds", 15)
-flags.FLAGS.set_default("json", "xla_options.json")
-for _name in ("seconds", "rounds", "json"):
-  flags.declare_key_flag(_name)   # listed by --help
-_SECONDS = step_time._SECONDS   # pylint: disable=protected-access
-_ROUNDS = step_time._ROUNDS     # pylint: disable=protected-access
-_JSON = step_time._JSON         # pylint: disable=protected-access
+# --seconds, --rounds and --json: benchmarks.step_time's (it is imported for
+# its JaxStep), with this benchmark's defaults.
+_SECONDS, _ROUNDS, _JSON = step_time.timing_flags(
+    __name__, seconds=1.5, rounds=15, json_path="xla_options.json")
 
 
 def _value(text: str):
