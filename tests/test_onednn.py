@@ -9,6 +9,7 @@ which turns the skip into a failure.
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -231,3 +232,20 @@ def test_sharded_over_devices(require_onednn):
   (value, grad), (fast_value, fast_grad) = loss(_xla_conv)(w, x), loss(onednn.conv2d_same)(w, x)
   assert abs(float(value) - float(fast_value)) <= 1e-4 * abs(float(value)) + 1e-4
   assert _rel(grad, fast_grad) < 1e-5
+
+
+def test_build_ffi_library_caches_a_build_and_names_a_failed_one(tmp_path, monkeypatch):
+  if shutil.which(os.environ.get("CXX", "g++")) is None:
+    pytest.skip("no C++ compiler")
+  monkeypatch.setenv("GECO_JAX_CACHE", str(tmp_path / "cache"))
+  source = pathlib.Path(__file__).parents[1] / "benchmarks" / "skip_conv.cc"
+  built = onednn.build_ffi_library(source, "skip_conv", [])
+  assert built.parent == tmp_path / "cache" and built.name.startswith("skip_conv-")
+  assert onednn.build_ffi_library(source, "skip_conv", []) == built   # cached
+  # Other arguments are another build.
+  assert onednn.build_ffi_library(source, "skip_conv", ["-DGECO_TEST=1"]) != built
+  broken = tmp_path / "broken.cc"
+  broken.write_text("this is not C++\n")
+  with pytest.raises(onednn.OneDNNUnavailable, match="building broken.cc failed"):
+    onednn.build_ffi_library(broken, "broken", [])
+  assert not list((tmp_path / "cache").glob("broken-*"))   # nothing half-built is kept

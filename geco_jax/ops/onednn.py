@@ -56,9 +56,8 @@ import threading
 import jax
 import jax.numpy as jnp
 
-__all__ = ["OneDNNUnavailable", "available", "build_ffi_library", "check_installed", "conv2d_same",
-           "onednn_root",
-           "require"]
+__all__ = ["OneDNNUnavailable", "available", "build_ffi_library", "check_installed",
+           "conv2d_same", "onednn_root", "require"]
 
 PACKAGES = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")
 _SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
@@ -128,9 +127,8 @@ def check_installed() -> pathlib.Path:
 def _build(root: pathlib.Path) -> pathlib.Path:
   """The compiled handlers for this source, jaxlib and oneDNN; built once, then cached."""
   lib = root / "lib"
-  return build_ffi_library(_SOURCE, "onednn_conv", [
-      "-fopenmp", f"-I{root / 'include'}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"],
-                           digest_extra=str(root.resolve()))
+  args = ["-fopenmp", f"-I{root / 'include'}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"]
+  return build_ffi_library(_SOURCE, "onednn_conv", args, digest_extra=str(root.resolve()))
 
 
 def build_ffi_library(source: pathlib.Path, name: str, args: list[str],
