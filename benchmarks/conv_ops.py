@@ -45,22 +45,13 @@ from benchmarks import timing
 _PRESET = flags.DEFINE_string("preset", "mnist_cpu", "ConvDraw preset (its shapes).")
 _BATCH = timing.shared_flag("batch", lambda: flags.DEFINE_integer(
     "batch", 32, "Batch size (convdraw_mnist.py's: 32)."))
-_SECONDS = timing.shared_flag("seconds", lambda: flags.DEFINE_float(
-    "seconds", 0.5, "Length of each timed window."))
-_ROUNDS = timing.shared_flag("rounds", lambda: flags.DEFINE_integer(
-    "rounds", 7, "Timed windows per runner (interleaved)."))
-_TORCH = timing.shared_flag("torch", lambda: flags.DEFINE_enum(
-    "torch", "auto", ["auto", "on", "off"], "Time torch too: 'auto' when it is installed."))
-_TORCH_LAYOUTS = timing.shared_flag("torch_layouts", lambda: flags.DEFINE_list(
-    "torch_layouts", ["nchw", "channels_last"], "Torch memory formats: nchw, channels_last."))
-_TORCH_THREADS = timing.shared_flag("torch_threads", lambda: flags.DEFINE_list(
-    "torch_threads", ["max", "1"], "Torch thread counts ('max' = os.cpu_count())."))
+_SECONDS, _ROUNDS, _JSON = timing.run_flags(
+    __name__, seconds=0.5, rounds=7, json_path="conv_ops.json")
+_TORCH, _TORCH_LAYOUTS, _TORCH_THREADS = timing.torch_flags(__name__)
 _CONFIG_XLA_FLAGS = timing.shared_flag("config_xla_flags", lambda: flags.DEFINE_bool(
     "config_xla_flags", True,
     "Add ConvDraw's config's xla_flags to $XLA_FLAGS before JAX starts, as "
     "experiments.main does."))
-_JSON = timing.shared_flag("json", lambda: flags.DEFINE_string(
-    "json", "conv_ops.json", "Where to write the results ('' = not)."))
 
 OPERATIONS = ("forward", "input gradient", "kernel gradient")
 

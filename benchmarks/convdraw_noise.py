@@ -45,9 +45,9 @@ _VARIANTS = flags.DEFINE_list("noise_variants", list(VARIANTS),
                               f"Any of {VARIANTS}; the first is the reference.")
 _BATCH = timing.shared_flag("batch", lambda: flags.DEFINE_integer(
     "batch", 32, "Batch size (convdraw_mnist.py's: 32)."))
-# --seconds, --rounds and --json: benchmarks.step_time's (it is imported for
-# its JaxStep), with this benchmark's defaults.
-_SECONDS, _ROUNDS, _JSON = step_time.timing_flags(
+# --seconds, --rounds and --json (shared with benchmarks.step_time, imported
+# for its JaxStep), with this benchmark's defaults.
+_SECONDS, _ROUNDS, _JSON = timing.run_flags(
     __name__, seconds=1.5, rounds=15, json_path="convdraw_noise.json")
 
 

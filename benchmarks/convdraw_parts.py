@@ -53,9 +53,9 @@ _SKIP_TARGET = "GecoBenchmarkSkipConv"
 
 _BATCH = timing.shared_flag("batch", lambda: flags.DEFINE_integer(
     "batch", 32, "Batch size (convdraw_mnist.py's: 32)."))
-# --seconds, --rounds and --json: benchmarks.step_time's (it is imported for
-# its JaxStep), with this benchmark's defaults.
-_SECONDS, _ROUNDS, _JSON = step_time.timing_flags(
+# --seconds, --rounds and --json (shared with benchmarks.step_time, imported
+# for its JaxStep), with this benchmark's defaults.
+_SECONDS, _ROUNDS, _JSON = timing.run_flags(
     __name__, seconds=1.5, rounds=9, json_path="convdraw_parts.json")
 
 

@@ -84,16 +84,9 @@ _MODELS = flags.DEFINE_list("models", ["conv_vae", "convdraw", "vae_nvp"],
                             "Models to compare: conv_vae, convdraw, vae_nvp.")
 _SECTIONS = flags.DEFINE_list("sections", ["compare", "scaling", "pipeline", "data_parallel"],
                               "Sections to run.")
-_SECONDS = timing.shared_flag("seconds", lambda: flags.DEFINE_float(
-    "seconds", 2.0, "Length of each timed window."))
-_ROUNDS = timing.shared_flag("rounds", lambda: flags.DEFINE_integer(
-    "rounds", 7, "Timed windows per runner (interleaved)."))
-_TORCH = timing.shared_flag("torch", lambda: flags.DEFINE_enum(
-    "torch", "auto", ["auto", "on", "off"], "PyTorch twins: auto = when torch imports."))
-_TORCH_LAYOUTS = timing.shared_flag("torch_layouts", lambda: flags.DEFINE_list(
-    "torch_layouts", ["nchw", "channels_last"], "torch memory formats to try."))
-_TORCH_THREADS = timing.shared_flag("torch_threads", lambda: flags.DEFINE_list(
-    "torch_threads", ["max", "1"], "torch intra-op threads to try ('max' = os.cpu_count())."))
+_SECONDS, _ROUNDS, _JSON = timing.run_flags(
+    __name__, seconds=2.0, rounds=7, json_path="step_time.json")
+_TORCH, _TORCH_LAYOUTS, _TORCH_THREADS = timing.torch_flags(__name__)
 _TORCH_DEVICE = flags.DEFINE_enum(
     "torch_device", "cpu", ["cpu", "cuda"],
     "Where the torch twins run. 'cuda': on the GPU, with TF32 matmuls and convolutions "
@@ -146,26 +139,10 @@ _DP_MODEL = flags.DEFINE_string("dp_model", "conv_vae", "Model of the data_paral
 _DP_DEVICES = flags.DEFINE_list("dp_devices", ["1", "2", "4", "8"], "Device counts.")
 _DP_CHILD = flags.DEFINE_bool("data_parallel_child", False,
                               "Internal: run the data-parallel section in this process.")
-_JSON = timing.shared_flag("json", lambda: flags.DEFINE_string(
-    "json", "step_time.json", "Where to write the results ('' = not)."))
 _CONFIG_XLA_FLAGS = timing.shared_flag("config_xla_flags", lambda: flags.DEFINE_bool(
     "config_xla_flags", True,
     "Time each model with its config's xla_flags (as experiments.main runs it): a "
     "model whose flags are not in this process's $XLA_FLAGS runs in a subprocess."))
-
-
-def timing_flags(module_name: str, *, seconds: float, rounds: int, json_path: str):
-  """``--seconds``, ``--rounds`` and ``--json`` for a benchmark that times these steps.
-
-  Sets their defaults to the benchmark's (in the whole process) and lists them
-  among its key flags in ``--help`` (``module_name``: the benchmark's
-  ``__name__``). Returns their holders.
-  """
-  module = sys.argv[0] if module_name == "__main__" else module_name   # as absl names it
-  for name, value in (("seconds", seconds), ("rounds", rounds), ("json", json_path)):
-    flags.FLAGS.set_default(name, value)
-    flags.FLAGS.register_key_flag_for_module(module, flags.FLAGS[name])
-  return _SECONDS, _ROUNDS, _JSON
 
 
 _MATMUL_SIZE = 2048

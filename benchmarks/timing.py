@@ -115,6 +115,50 @@ def shared_flag(name: str, define: Callable[[], flags.FlagHolder]) -> flags.Flag
   return define()
 
 
+def _register_key_flags(module_name: str, holders) -> None:
+  """List ``holders``' flags in the ``--help`` of module ``module_name`` (its ``__name__``)."""
+  import sys  # pylint: disable=import-outside-toplevel
+
+  module = sys.argv[0] if module_name == "__main__" else module_name   # as absl names it
+  for holder in holders:
+    flags.FLAGS.register_key_flag_for_module(module, flags.FLAGS[holder.name])
+
+
+def run_flags(module_name: str, *, seconds: float, rounds: int, json_path: str):
+  """A benchmark's ``--seconds``, ``--rounds`` and ``--json``, with its defaults.
+
+  Every benchmark has them: defined once per process (``shared_flag``), their
+  defaults set to the calling benchmark's (in the whole process: the last
+  benchmark imported sets them) and listed in its ``--help`` (``module_name``:
+  its ``__name__``). Returns their holders.
+  """
+  holders = (
+      shared_flag("seconds", lambda: flags.DEFINE_float(
+          "seconds", seconds, "Length of each timed window.")),
+      shared_flag("rounds", lambda: flags.DEFINE_integer(
+          "rounds", rounds, "Timed windows per runner (interleaved).")),
+      shared_flag("json", lambda: flags.DEFINE_string(
+          "json", json_path, "Where to write the results ('' = not).")))
+  for holder, value in zip(holders, (seconds, rounds, json_path)):
+    flags.FLAGS.set_default(holder.name, value)
+  _register_key_flags(module_name, holders)
+  return holders
+
+
+def torch_flags(module_name: str):
+  """``--torch``, ``--torch_layouts`` and ``--torch_threads`` of a benchmark timing torch too."""
+  holders = (
+      shared_flag("torch", lambda: flags.DEFINE_enum(
+          "torch", "auto", ["auto", "on", "off"], "Time torch too: auto = when torch imports.")),
+      shared_flag("torch_layouts", lambda: flags.DEFINE_list(
+          "torch_layouts", ["nchw", "channels_last"], "torch memory formats to try.")),
+      shared_flag("torch_threads", lambda: flags.DEFINE_list(
+          "torch_threads", ["max", "1"],
+          "torch intra-op threads to try ('max' = os.cpu_count()).")))
+  _register_key_flags(module_name, holders)
+  return holders
+
+
 def write_results(path: str, results: dict) -> None:
   """``results`` as JSON at ``path`` ('' = not written), and say where."""
   if not path:

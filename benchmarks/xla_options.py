@@ -70,9 +70,9 @@ _VARIANT = flags.DEFINE_multi_string(
     "options) always come first.")
 _BATCH = timing.shared_flag("batch", lambda: flags.DEFINE_integer(
     "batch", None, "Batch size (default: the model's config's)."))
-# --seconds, --rounds and --json: benchmarks.step_time's (it is imported for
-# its JaxStep), with this benchmark's defaults.
-_SECONDS, _ROUNDS, _JSON = step_time.timing_flags(
+# --seconds, --rounds and --json (shared with benchmarks.step_time, imported
+# for its JaxStep), with this benchmark's defaults.
+_SECONDS, _ROUNDS, _JSON = timing.run_flags(
     __name__, seconds=1.5, rounds=15, json_path="xla_options.json")
 
 
