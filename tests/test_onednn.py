@@ -72,17 +72,51 @@ def _rel(a, b):
   return float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_values_and_gradients_equal_xlas(require_onednn, shape):
+# Winograd's F(2x2, 3x3) takes 3x3 kernels; odd sides end in a half tile, one
+# pixel is one tile of zeros around it, and under 32 tiles the call is one chunk.
+WINOGRAD_SHAPES = [(32, 14, 14, 80, 128, 3, 3), (5, 7, 9, 3, 4, 3, 3), (1, 1, 1, 2, 2, 3, 3),
+                   (3, 6, 5, 2, 7, 3, 3), (7, 8, 8, 40, 24, 3, 3), (2, 3, 14, 128, 40, 3, 3)]
+CASES = ([("direct", shape) for shape in SHAPES]
+         + [("winograd", shape) for shape in WINOGRAD_SHAPES])
+
+
+@pytest.mark.parametrize("algorithm,shape", CASES, ids=str)
+def test_values_and_gradients_equal_xlas(require_onednn, algorithm, shape):
   x, w, dy = _arrays(shape)
   assert _rel(_taps_conv(x, w), _xla_conv(x, w)) < 1e-5   # the reference itself
   results = []
-  for conv in (_xla_conv, jax.jit(onednn.conv2d_same)):
+  for conv in (_xla_conv, jax.jit(lambda x, w: onednn.conv2d_same(x, w, algorithm))):
     y, vjp = jax.vjp(conv, x, w)
     results.append((y, *vjp(dy)))
   for name, a, b in zip(("value", "input gradient", "kernel gradient"), *results):
     assert a.shape == b.shape and a.dtype == b.dtype
     assert _rel(a, b) < 1e-5, name
+
+
+def test_winograd_gradients_are_the_taps_sums(require_onednn):
+  """First principles, float64: dx and dw of <dy, x * w> as sums over the taps."""
+  x, w, dy = _arrays((3, 5, 6, 4, 3, 3, 3))
+  _, vjp = jax.vjp(lambda x, w: onednn.conv2d_same(x, w, "winograd"), x, w)
+  dx, dw = vjp(dy)
+  xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  g = np.asarray(dy, np.float64)
+  wf = np.asarray(w, np.float64)
+  want_dw = np.zeros(w.shape)
+  want_dxp = np.zeros(xp.shape)
+  for i in range(3):
+    for j in range(3):
+      want_dw[i, j] = np.einsum("nhwc,nhwf->cf", xp[:, i:i + 5, j:j + 6], g)
+      want_dxp[:, i:i + 5, j:j + 6] += g @ wf[i, j].T
+  assert _rel(want_dw, dw) < 1e-5
+  assert _rel(want_dxp[:, 1:-1, 1:-1], dx) < 1e-5
+
+
+def test_winograd_kernel_is_g_g_gt():
+  """U_(4i + j) = (G g G^T)_ij per channel pair, with Lavin & Gray's G for F(2x2, 3x3)."""
+  _, w, _ = _arrays((1, 1, 1, 3, 2, 3, 3))
+  g = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]])
+  want = np.einsum("ik,klcf,jl->ijcf", g, np.asarray(w, np.float64), g).reshape(16, 3, 2)
+  assert _rel(want, onednn.winograd_kernel(w)) < 1e-6
 
 
 def test_many_calls_in_one_program(require_onednn):
@@ -93,7 +127,9 @@ def test_many_calls_in_one_program(require_onednn):
   def many(conv):
     return jnp.stack([conv(x * s, w) for s in scales])
 
-  assert _rel(many(_xla_conv), jax.jit(lambda: many(onednn.conv2d_same))()) < 1e-5
+  for algorithm in onednn.ALGORITHMS:
+    assert _rel(many(_xla_conv), jax.jit(lambda: many(
+        lambda x, w: onednn.conv2d_same(x, w, algorithm)))()) < 1e-5, algorithm
 
 
 def test_vmap(require_onednn):
@@ -109,6 +145,10 @@ def test_bad_inputs_are_rejected(require_onednn):
     onednn.conv2d_same(x.astype(jnp.float16), w.astype(jnp.float16))
   with pytest.raises(ValueError, match=r"x \[n, h, w, c\]"):
     onednn.conv2d_same(x, w[:, :, :2])
+  with pytest.raises(ValueError, match="algorithm must be one of"):
+    onednn.conv2d_same(x, w, "fft")
+  with pytest.raises(ValueError, match="3x3 kernels; got 2x3"):
+    onednn.conv2d_same(x, w[:2], "winograd")
 
 
 def test_missing_onednn_says_how_to_install(monkeypatch, tmp_path):
@@ -135,15 +175,17 @@ def test_the_build_is_cached(require_onednn):
 # ConvDraw --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("recurrence", ["unrolled", pytest.param("scan", marks=pytest.mark.slow)])
-def test_convdraw_with_onednn_equals_xla(require_onednn, recurrence):
+@pytest.mark.parametrize("recurrence,convolutions", [
+    ("unrolled", "onednn"), ("unrolled", "onednn_winograd"),
+    pytest.param("scan", "onednn", marks=pytest.mark.slow)])
+def test_convdraw_with_onednn_equals_xla(require_onednn, recurrence, convolutions):
   x = jax.random.uniform(jax.random.PRNGKey(0), (5, 28, 28, 1))
   rng = jax.random.PRNGKey(1)
   # T = 3 keeps the compiles short; every step's kind (t = 1 with its zero
   # states, later steps) is there.
   model = ConvDraw(**dict(convdraw_preset("mnist_cpu"), num_steps=3), recurrence=recurrence)
   params = model.init(jax.random.PRNGKey(2), x, rng)
-  fast = model.clone(convolutions="onednn")
+  fast = model.clone(convolutions=convolutions)
   assert jax.tree.structure(fast.init(jax.random.PRNGKey(2), x, rng)) == jax.tree.structure(params)
 
   def loss(m):
@@ -156,6 +198,11 @@ def test_convdraw_with_onednn_equals_xla(require_onednn, recurrence):
   assert abs(float(value) - float(fast_value)) <= 1e-5 * abs(float(value))
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(fast_grads)):
     assert _rel(a, b) < 1e-4
+  # Who computes what: with 'onednn_winograd' the gates (3x3, 128 features) are
+  # Winograd's and the prior and posterior (16 features) oneDNN's direct ones.
+  program = loss(fast).lower(params).as_text()
+  assert ("GecoWinogradConvForward" in program) == (convolutions == "onednn_winograd")
+  assert "GecoOnednnConvForward" in program
 
 
 def test_convdraw_rejects_unknown_convolutions():

@@ -25,6 +25,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -294,6 +295,332 @@ ffi::Future BackwardWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   return Convolve(kBackwardWeights, pool, x, dy, dw);
 }
 
+// ---------------------------------------------------------------------------------------
+// Winograd F(2x2, 3x3) (Lavin & Gray, 2016) for 3x3 kernels: the same convolution with
+// 16 multiplications per 2x2 output tile and channel pair instead of 36. Per tile,
+//   y = A^T [(G g G^T) . (B^T d B)] A
+// with d the tile's 4x4 input window, g the 3x3 kernel, and
+//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],
+//   A^T = [1 1 1 0; 0 1 -1 -1].
+// Over channels the elementwise product is a sum, so for each of the 16 positions p the
+// tiles' products are one matrix product M_p = V_p U_p (tiles x c by c x f), done by
+// oneDNN's sgemm (single-threaded: the chunks are the parallelism, as above). Tiles are
+// transformed a block at a time so that the block's V and M stay in the core's cache.
+// The kernel's transform U = G g G^T [16][c][f] is the caller's (geco_jax.ops.onednn
+// computes it in JAX, once per kernel however many calls use it); so the handlers take U:
+// - forward: y from x and U;
+// - backward data: dx is the same convolution of dy with the kernel turned by 180
+//   degrees and its channels swapped (SAME padding of a 3x3 kernel is symmetric). Since
+//   G J = P G (J reverses the taps, P swaps rows 0 and 3), the turned kernel's transform
+//   is U'_{ij} = U_{P(i) P(j)}^T: the same U, positions permuted, matrices transposed;
+// - backward weights: dU_p = sum over tiles of V_p^T dM_p, with dM = A dy A^T (the
+//   output transform's transpose); the caller's JAX turns dU into dg = G^T dU G.
+// Images whose height or width is odd get a last half tile (reads beyond the image are
+// zeros, writes beyond it are dropped).
+
+namespace wino {
+
+struct Dims {
+  int64_t n, h, w, cin, cout;        // the convolution's input and output channels
+  int64_t th() const { return (h + 1) / 2; }
+  int64_t tw() const { return (w + 1) / 2; }
+  int64_t tiles() const { return n * th() * tw(); }
+};
+
+// V [16][count][c] = B^T d B for tiles first .. first + count of x [n][h][w][c].
+void InputTransform(const float* x, const Dims& s, int64_t c, int64_t first, int64_t count,
+                    float* V, std::vector<float>& d) {
+  d.resize(32 * c);
+  float* win = d.data();       // the 4x4 window
+  float* t = win + 16 * c;     // B^T d
+  const int64_t th = s.th(), tw = s.tw();
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t tile = first + k, n = tile / (th * tw), ty = tile / tw % th, tx = tile % tw;
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const int64_t yy = 2 * ty - 1 + i, xx = 2 * tx - 1 + j;
+        float* o = win + (i * 4 + j) * c;
+        if (yy < 0 || yy >= s.h || xx < 0 || xx >= s.w) {
+          std::fill(o, o + c, 0.f);
+        } else {
+          std::memcpy(o, x + ((n * s.h + yy) * s.w + xx) * c, c * sizeof(float));
+        }
+      }
+    for (int j = 0; j < 4; ++j) {
+      const float *d0 = win + j * c, *d1 = win + (4 + j) * c, *d2 = win + (8 + j) * c,
+                  *d3 = win + (12 + j) * c;
+      float *t0 = t + j * c, *t1 = t + (4 + j) * c, *t2 = t + (8 + j) * c, *t3 = t + (12 + j) * c;
+      for (int64_t e = 0; e < c; ++e) {
+        t0[e] = d0[e] - d2[e];
+        t1[e] = d1[e] + d2[e];
+        t2[e] = d2[e] - d1[e];
+        t3[e] = d1[e] - d3[e];
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      const float *a0 = t + i * 4 * c, *a1 = a0 + c, *a2 = a0 + 2 * c, *a3 = a0 + 3 * c;
+      float* v0 = V + ((i * 4 + 0) * count + k) * c;
+      float* v1 = V + ((i * 4 + 1) * count + k) * c;
+      float* v2 = V + ((i * 4 + 2) * count + k) * c;
+      float* v3 = V + ((i * 4 + 3) * count + k) * c;
+      for (int64_t e = 0; e < c; ++e) {
+        v0[e] = a0[e] - a2[e];
+        v1[e] = a1[e] + a2[e];
+        v2[e] = a2[e] - a1[e];
+        v3[e] = a1[e] - a3[e];
+      }
+    }
+  }
+}
+
+// y's tiles first .. first + count = A^T M A, for M [16][count][f]; y [n][h][w][f].
+void OutputTransform(const float* M, const Dims& s, int64_t f, int64_t first, int64_t count,
+                     float* y, std::vector<float>& scratch) {
+  scratch.resize(8 * f);
+  float* t = scratch.data();  // A^T M: [2][4][f]
+  const int64_t th = s.th(), tw = s.tw();
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t tile = first + k, n = tile / (th * tw), ty = tile / tw % th, tx = tile % tw;
+    for (int j = 0; j < 4; ++j) {
+      const float* m0 = M + ((0 * 4 + j) * count + k) * f;
+      const float* m1 = M + ((1 * 4 + j) * count + k) * f;
+      const float* m2 = M + ((2 * 4 + j) * count + k) * f;
+      const float* m3 = M + ((3 * 4 + j) * count + k) * f;
+      float *t0 = t + j * f, *t1 = t + (4 + j) * f;
+      for (int64_t e = 0; e < f; ++e) {
+        t0[e] = m0[e] + m1[e] + m2[e];
+        t1[e] = m1[e] - m2[e] - m3[e];
+      }
+    }
+    for (int i = 0; i < 2; ++i) {
+      const int64_t yy = 2 * ty + i;
+      if (yy >= s.h) break;
+      const float *a0 = t + i * 4 * f, *a1 = a0 + f, *a2 = a0 + 2 * f, *a3 = a0 + 3 * f;
+      float* y0 = y + ((n * s.h + yy) * s.w + 2 * tx) * f;
+      for (int64_t e = 0; e < f; ++e) y0[e] = a0[e] + a1[e] + a2[e];
+      if (2 * tx + 1 < s.w) {
+        float* y1 = y0 + f;
+        for (int64_t e = 0; e < f; ++e) y1[e] = a1[e] - a2[e] - a3[e];
+      }
+    }
+  }
+}
+
+// dM [16][count][f] = A dy A^T for tiles first .. first + count of dy [n][h][w][f].
+void OutputGradientTransform(const float* dy, const Dims& s, int64_t f, int64_t first,
+                             int64_t count, float* dM, std::vector<float>& scratch) {
+  scratch.resize(12 * f);
+  float* win = scratch.data();  // the 2x2 gradient tile
+  float* r = win + 4 * f;       // A dy: [4][2][f]
+  const int64_t th = s.th(), tw = s.tw();
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t tile = first + k, n = tile / (th * tw), ty = tile / tw % th, tx = tile % tw;
+    for (int a = 0; a < 2; ++a)
+      for (int b = 0; b < 2; ++b) {
+        const int64_t yy = 2 * ty + a, xx = 2 * tx + b;
+        float* o = win + (a * 2 + b) * f;
+        if (yy >= s.h || xx >= s.w) {
+          std::fill(o, o + f, 0.f);
+        } else {
+          std::memcpy(o, dy + ((n * s.h + yy) * s.w + xx) * f, f * sizeof(float));
+        }
+      }
+    for (int b = 0; b < 2; ++b) {  // rows: (A dy)[i][b] = sum_a A^T[a][i] dy[a][b]
+      const float *g0 = win + b * f, *g1 = win + (2 + b) * f;
+      float *r0 = r + b * f, *r1 = r + (2 + b) * f, *r2 = r + (4 + b) * f, *r3 = r + (6 + b) * f;
+      for (int64_t e = 0; e < f; ++e) {
+        r0[e] = g0[e];
+        r1[e] = g0[e] + g1[e];
+        r2[e] = g0[e] - g1[e];
+        r3[e] = -g1[e];
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      const float *g0 = r + i * 2 * f, *g1 = g0 + f;
+      float* m0 = dM + ((i * 4 + 0) * count + k) * f;
+      float* m1 = dM + ((i * 4 + 1) * count + k) * f;
+      float* m2 = dM + ((i * 4 + 2) * count + k) * f;
+      float* m3 = dM + ((i * 4 + 3) * count + k) * f;
+      for (int64_t e = 0; e < f; ++e) {
+        m0[e] = g0[e];
+        m1[e] = g0[e] + g1[e];
+        m2[e] = g0[e] - g1[e];
+        m3[e] = -g1[e];
+      }
+    }
+  }
+}
+
+// Tiles per block: the block's V and M (or dM) about 1.5 MB, at least 16 tiles.
+int64_t BlockTiles(int64_t cin, int64_t cout) {
+  return std::max<int64_t>(16, std::min<int64_t>(512, (3 << 19) / (64 * (cin + cout))));
+}
+
+void Check(dnnl_status_t status) {
+  if (status != dnnl_success) throw std::runtime_error("sgemm failed (status " + std::to_string(status) + ")");
+}
+
+// The position whose U serves position p for the turned kernel: P swaps 0 and 3 of each
+// of p's two coordinates.
+int Turned(int p) {
+  static const int P[4] = {3, 1, 2, 0};
+  return P[p / 4] * 4 + P[p % 4];
+}
+
+// y = x * g over tiles first .. last, U = G g G^T [16][cin][cout]; or with `turned`,
+// the convolution with g turned (U [16][cout][cin], used transposed and permuted).
+void Convolve(const float* x, const float* U, bool turned, const Dims& s, int64_t first,
+              int64_t last, float* y) {
+  thread_local std::vector<float> V, M, scratch;
+  const int64_t block = BlockTiles(s.cin, s.cout);
+  V.resize(16 * block * s.cin);
+  M.resize(16 * block * s.cout);
+  for (int64_t t0 = first; t0 < last; t0 += block) {
+    const int64_t count = std::min(block, last - t0);
+    InputTransform(x, s, s.cin, t0, count, V.data(), scratch);
+    for (int p = 0; p < 16; ++p) {
+      const float* v = V.data() + p * count * s.cin;
+      float* m = M.data() + p * count * s.cout;
+      if (turned) {
+        Check(dnnl_sgemm('N', 'T', count, s.cout, s.cin, 1.f, v, s.cin,
+                         U + Turned(p) * s.cin * s.cout, s.cin, 0.f, m, s.cout));
+      } else {
+        Check(dnnl_sgemm('N', 'N', count, s.cout, s.cin, 1.f, v, s.cin,
+                         U + p * s.cin * s.cout, s.cout, 0.f, m, s.cout));
+      }
+    }
+    OutputTransform(M.data(), s, s.cout, t0, count, y, scratch);
+  }
+}
+
+// dU [16][cin][cout] = sum over tiles first .. last of V_p^T dM_p.
+void KernelGradient(const float* x, const float* dy, const Dims& s, int64_t first, int64_t last,
+                    float* dU) {
+  thread_local std::vector<float> V, dM, scratch;
+  const int64_t block = BlockTiles(s.cin, s.cout);
+  V.resize(16 * block * s.cin);
+  dM.resize(16 * block * s.cout);
+  std::fill(dU, dU + 16 * s.cin * s.cout, 0.f);
+  for (int64_t t0 = first; t0 < last; t0 += block) {
+    const int64_t count = std::min(block, last - t0);
+    InputTransform(x, s, s.cin, t0, count, V.data(), scratch);
+    OutputGradientTransform(dy, s, s.cout, t0, count, dM.data(), scratch);
+    for (int p = 0; p < 16; ++p)
+      Check(dnnl_sgemm('T', 'N', s.cin, s.cout, count, 1.f, V.data() + p * count * s.cin, s.cin,
+                       dM.data() + p * count * s.cout, s.cout, 1.f, dU + p * s.cin * s.cout,
+                       s.cout));
+  }
+}
+
+struct Call {
+  Op op;
+  Dims s;  // for backward data: the convolution of dy (cin = f) into dx (cout = c)
+  int64_t chunks;
+  const float* a;  // x (forward, backward weights) or dy (backward data)
+  const float* b;  // U (forward, backward data) or dy (backward weights)
+  float* out;
+  std::vector<std::vector<float>> partial;  // backward weights: each chunk's dU
+  std::atomic<int64_t> left{0};
+  std::atomic<bool> failed{false};
+  std::mutex error_mutex;
+  std::string error;
+  ffi::Promise promise;
+
+  int64_t Start(int64_t i) const {
+    const int64_t tiles = s.tiles(), base = tiles / chunks, extra = tiles % chunks;
+    return i * base + std::min(i, extra);
+  }
+  void Fail(const std::string& message) {
+    std::lock_guard<std::mutex> lock(error_mutex);
+    if (!failed.exchange(true)) error = message;
+  }
+};
+
+void RunChunk(Call& call, int64_t i) {
+  OneOpenMPThread();
+  const int64_t first = call.Start(i), last = call.Start(i + 1);
+  if (call.op == kBackwardWeights) {
+    KernelGradient(call.a, call.b, call.s, first, last, call.partial[i].data());
+  } else {
+    Convolve(call.a, call.b, call.op == kBackwardData, call.s, first, last, call.out);
+  }
+}
+
+void Finish(Call& call) {
+  if (call.op == kBackwardWeights && !call.failed) {
+    float* sum = call.partial[0].data();
+    const size_t size = call.partial[0].size();
+    for (int64_t i = 1; i < call.chunks; ++i) {
+      const float* part = call.partial[i].data();
+      for (size_t e = 0; e < size; ++e) sum[e] += part[e];
+    }
+    std::memcpy(call.out, sum, size * sizeof(float));
+  }
+  if (call.failed) {
+    call.promise.SetError(ffi::Error(ffi::ErrorCode::kInternal, "Winograd convolution: " + call.error));
+  } else {
+    call.promise.SetAvailable();
+  }
+}
+
+ffi::Future Run(Op op, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                ffi::ResultBuffer<ffi::F32> out) {
+  auto call = std::make_shared<Call>();
+  ffi::Future future(call->promise);
+  auto ad = a.dimensions();
+  auto u = op == kBackwardWeights ? out->dimensions() : b.dimensions();  // U: [16][c][f]
+  if (u.size() != 3 || u[0] != 16) {
+    call->promise.SetError(ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                                      "Winograd convolution: the kernel's transform must be [16, c, f]"));
+    return future;
+  }
+  // The convolution computed: forward and backward weights x (c) -> y (f); backward
+  // data dy (f) -> dx (c) with the turned kernel.
+  const int64_t c = u[1], f = u[2];
+  call->op = op;
+  call->s = op == kBackwardData ? Dims{ad[0], ad[1], ad[2], f, c} : Dims{ad[0], ad[1], ad[2], c, f};
+  call->a = a.typed_data();
+  call->b = b.typed_data();
+  call->out = out->typed_data();
+  call->chunks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), call->s.tiles() / 16));
+  if (op == kBackwardWeights) {
+    try {
+      call->partial.assign(call->chunks, std::vector<float>(16 * c * f));
+    } catch (const std::exception& e) {
+      call->promise.SetError(ffi::Error(ffi::ErrorCode::kInternal,
+                                        std::string("Winograd convolution: ") + e.what()));
+      return future;
+    }
+  }
+  call->left = call->chunks;
+  for (int64_t i = 0; i < call->chunks; ++i) {
+    pool.Schedule([call, i]() {
+      try {
+        RunChunk(*call, i);
+      } catch (const std::exception& e) {
+        call->Fail(e.what());
+      }
+      if (call->left.fetch_sub(1, std::memory_order_acq_rel) == 1) Finish(*call);
+    });
+  }
+  return future;
+}
+
+}  // namespace wino
+
+ffi::Future WinogradForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                            ffi::ResultBuffer<ffi::F32> y) {
+  return wino::Run(kForward, pool, x, w, y);
+}
+ffi::Future WinogradBackwardData(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
+                                 ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx) {
+  return wino::Run(kBackwardData, pool, dy, w, dx);
+}
+ffi::Future WinogradBackwardWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                    ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw) {
+  return wino::Run(kBackwardWeights, pool, x, dy, dw);
+}
+
 }  // namespace
 
 #define GECO_CONV_BINDING                                                      \
@@ -303,6 +630,9 @@ ffi::Future BackwardWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GecoOnednnConvForward, Forward, GECO_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GecoOnednnConvBackwardData, BackwardData, GECO_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GecoOnednnConvBackwardWeights, BackwardWeights, GECO_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GecoWinogradConvForward, WinogradForward, GECO_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GecoWinogradConvBackwardData, WinogradBackwardData, GECO_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GecoWinogradConvBackwardWeights, WinogradBackwardWeights, GECO_CONV_BINDING);
 
 extern "C" int GecoOnednnVersion() {
   const dnnl_version_t* v = dnnl_version();
