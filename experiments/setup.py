@@ -207,11 +207,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require(model.convolutions in convdraw_lib.CONVOLUTIONS,
             f"config.model.convolutions must be one of {convdraw_lib.CONVOLUTIONS}; "
             f"got {model.convolutions!r}.")
-    if model.convolutions == "onednn":
+    if model.convolutions != "xla":   # 'onednn', 'onednn_winograd'
       try:
         onednn.check_installed()   # JAX's backend is checked in check_data
       except onednn.OneDNNUnavailable as e:
-        raise ConfigError(f"config.model.convolutions='onednn': {e}") from e
+        raise ConfigError(f"config.model.convolutions={model.convolutions!r}: {e}") from e
   if model.name == "conv_vae":
     for name in ("latent_size", "hidden_size"):
       if name in model:
@@ -382,13 +382,14 @@ def check_data(config: ml_collections.ConfigDict, data: dict) -> None:
   require(config.batch_size % devices == 0,
           f"config.batch_size ({config.batch_size}) must be divisible by the number of "
           f"devices ({devices}): the global batch is split evenly over them.")
-  if config.model.get("convolutions") == "onednn":
+  convolutions = config.model.get("convolutions", "xla")
+  if convolutions != "xla":   # 'onednn', 'onednn_winograd'
     try:
       onednn.require()   # the CPU backend, and the handlers built
     except onednn.OneDNNUnavailable as e:
-      raise ConfigError(f"config.model.convolutions='onednn': {e}") from e
+      raise ConfigError(f"config.model.convolutions={convolutions!r}: {e}") from e
     require(devices == 1,
-            f"config.model.convolutions='onednn' runs on one CPU device; here are {devices}, "
+            f"config.model.convolutions={convolutions!r} runs on one CPU device; here are {devices}, "
             "over which XLA would not split its calls (every device would convolve the "
             "whole batch): use convolutions='xla'.")
   height, width = train["image"].shape[1:3]

@@ -59,7 +59,10 @@ but 1 of the mnist_cpu step's 38 GFLOP) computed by oneDNN on XLA:CPU's thread
 pool (``geco_jax.ops.onednn``; CPU only, the ``onednn`` extra, compiled at
 first use). Same parameters and values to float rounding; on the project's
 2-core CPU the mnist_cpu training step ran 6-11% faster with it
-(docs/performance.md, levers 32 and 33).
+(docs/performance.md, levers 32 and 33). ``'onednn_winograd'`` is the same
+but for the 3x3 convolutions with at least ``WINOGRAD_MIN_FEATURES`` outputs
+(the gates'), which run Winograd's F(2x2, 3x3): 16 multiplications per 2x2
+output tile instead of 36, as matrix products by oneDNN's sgemm (lever 38).
 
 Presets (``convdraw_preset(name)``; dicts of constructor keyword arguments):
   mnist_cpu            28x28x1, T=8,  hidden 32,  latent 8,  read 16, 3x3 kernels
@@ -119,7 +122,10 @@ from geco_jax.ops import onednn
 RECURRENCES = ("unrolled", "scan", "scan_unrolled")
 # Who computes the stride-1 convolutions (gates, prior, posterior): XLA, or
 # oneDNN on XLA:CPU's thread pool (``geco_jax.ops.onednn``; CPU only, optional).
-CONVOLUTIONS = ("xla", "onednn")
+CONVOLUTIONS = ("xla", "onednn", "onednn_winograd")
+# With 'onednn_winograd', a 3x3 convolution with at least this many output
+# channels (the gates') is Winograd's F(2x2, 3x3); the others are oneDNN's direct.
+WINOGRAD_MIN_FEATURES = 64
 
 PRESETS: dict[str, dict[str, Any]] = {
     # 3x3 kernels on the CPU: 5x5 has 2.8x the FLOPs and measured about half
@@ -208,7 +214,9 @@ class _GroupedConv(nn.Module):
   earlier with ``use_bias=False`` and is added. The remaining groups are
   convolved together, as one concatenation with the matching slices of the
   kernel: one convolution, as in ``nn.Conv``. ``convolutions`` picks who
-  computes it (``CONVOLUTIONS``): XLA, or oneDNN (``geco_jax.ops.onednn``).
+  computes it (``CONVOLUTIONS``): XLA, or oneDNN (``geco_jax.ops.onednn``),
+  with 'onednn_winograd' Winograd's F(2x2, 3x3) for 3x3 kernels with at least
+  ``WINOGRAD_MIN_FEATURES`` features.
   """
 
   features: int
@@ -239,6 +247,9 @@ class _GroupedConv(nn.Module):
       w = jnp.concatenate([kernel[:, :, lo:hi] for lo, hi in ranges], axis=2)
       if self.convolutions == "onednn":
         shares.append(onednn.conv2d_same(x, w))
+      elif self.convolutions == "onednn_winograd":
+        winograd = k == 3 and self.features >= WINOGRAD_MIN_FEATURES
+        shares.append(onednn.conv2d_same(x, w, "winograd" if winograd else "direct"))
       else:
         shares.append(jax.lax.conv_general_dilated(
             x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
@@ -444,7 +455,7 @@ class _ConvDrawCore(nn.Module):
     if self.convolutions not in CONVOLUTIONS:
       raise ValueError(
           f"convolutions must be one of {CONVOLUTIONS}; got {self.convolutions!r}.")
-    if self.convolutions == "onednn":
+    if self.convolutions != "xla":
       onednn.require()
     kernel = (self.kernel_size, self.kernel_size)
     # x does not change over the steps: read it once, outside the loop.
@@ -600,7 +611,9 @@ class ConvDraw(_ConvDrawCore):
       posterior convolutions by oneDNN on XLA:CPU's thread pool,
       ``geco_jax.ops.onednn``: CPU only, an optional extra; same parameters,
       same values to float rounding, 6-11% faster steps on the project's
-      CPU). The strided reads and the write stay XLA's.
+      CPU), or 'onednn_winograd' (the same, the gates by Winograd's
+      F(2x2, 3x3) when their kernels are 3x3). The strided reads and the
+      write stay XLA's.
 
   The defaults are the ``mnist_cpu`` preset with the 'unrolled' recurrence.
   """
