@@ -26,7 +26,9 @@ reference), as ``benchmarks.torch_models``' ConvDraw twin runs them. Before
 timing, every operation is computed by both on the same numbers and the
 largest relative difference recorded. Every round times one window of each
 runner of an operation back to back (``benchmarks.timing``); the numbers are
-medians over ``--rounds`` windows of ``--seconds``.
+medians over ``--rounds`` windows of ``--seconds``. ``--onednn=direct,winograd``
+adds ``geco_jax.ops.onednn.conv2d_same``'s algorithms to the same rounds (the
+``onednn`` extra): oneDNN's direct convolution and Winograd's F(2x2, 3x3).
 
 The summary weights each operation by the calls of one training step at these
 shapes (T calls each; the steps t = 1 skip most of it, so this overstates both
@@ -52,6 +54,12 @@ _CONFIG_XLA_FLAGS = timing.shared_flag("config_xla_flags", lambda: flags.DEFINE_
     "config_xla_flags", True,
     "Add ConvDraw's config's xla_flags to $XLA_FLAGS before JAX starts, as "
     "experiments.main does."))
+
+_ONEDNN = flags.DEFINE_list(
+    "onednn", [],
+    "Also time geco_jax.ops.onednn.conv2d_same with these algorithms (direct, winograd) "
+    "in the same rounds, as ConvDraw's convolutions='onednn' and 'onednn_winograd' run "
+    "them (needs the onednn extra).")
 
 OPERATIONS = ("forward", "input gradient", "kernel gradient")
 
@@ -93,12 +101,18 @@ def _arrays(conv: dict, seed: int = 0):
   return x, kernel, dy
 
 
-def jax_operations(conv: dict) -> dict:
-  """Jitted JAX forms of the three operations and their arguments."""
+def jax_operations(conv: dict, onednn_algorithm: str | None = None) -> dict:
+  """Jitted JAX forms of the three operations and their arguments.
+
+  XLA's convolution, or with ``onednn_algorithm`` geco_jax.ops.onednn's.
+  """
   import jax
   import jax.numpy as jnp
 
   def apply(x, kernel):
+    if onednn_algorithm is not None:
+      from geco_jax.ops import onednn  # noqa: PLC0415
+      return onednn.conv2d_same(x, kernel, onednn_algorithm)
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -150,6 +164,7 @@ def measure(torch, conv: dict) -> dict:
 
   entry = dict(conv, gflop=flops(conv) / 1e9, load_start=timing.load(), operations={})
   jax_ops = jax_operations(conv)
+  onednn_ops = {algorithm: jax_operations(conv, algorithm) for algorithm in _ONEDNN.value}
   torch_ops = ({layout: torch_operations(torch, conv, layout) for layout in
                 _TORCH_LAYOUTS.value} if torch is not None else {})
   for op in OPERATIONS:
@@ -157,6 +172,15 @@ def measure(torch, conv: dict) -> dict:
     reference = np.asarray(fn(*args))
     runners = [timing.Runner("jax", lambda fn=fn, args=args: fn(*args),
                              jax.block_until_ready)]
+    onednn_runners, onednn_differences = [], {}
+    for algorithm, ops in onednn_ops.items():
+      ofn, oargs = ops[op]
+      value = np.asarray(ofn(*oargs))
+      onednn_differences[algorithm] = float(np.max(np.abs(value - reference))
+                                            / np.max(np.abs(reference)))
+      onednn_runners.append(timing.Runner(f"onednn {algorithm}",
+                                          lambda fn=ofn, args=oargs: fn(*args),
+                                          jax.block_until_ready))
     difference = 0.0
     for layout, ops in torch_ops.items():
       torch_fn, to_jax_axes = ops[op]
@@ -167,12 +191,21 @@ def measure(torch, conv: dict) -> dict:
         runners.append(timing.Runner(
             f"{layout}/{threads}t", torch_fn,
             setup=lambda threads=threads: torch.set_num_threads(threads)))
-    timing.interleave(runners, _ROUNDS.value, _SECONDS.value)
+    timing.interleave(runners + onednn_runners, _ROUNDS.value, _SECONDS.value)
     jax_rate = runners[0].median
     result = {"jax_ms": 1e3 / jax_rate, "jax_gflops_per_s": flops(conv) * jax_rate / 1e9,
               "torch": {r.name: 1e3 / r.median for r in runners[1:]}}
-    if len(runners) > 1:
-      best = max(runners[1:], key=lambda r: r.median)
+    best = max(runners[1:], key=lambda r: r.median) if len(runners) > 1 else None
+    if onednn_runners:
+      result["onednn"] = {}
+      for algorithm, runner in zip(onednn_ops, onednn_runners):
+        result["onednn"][algorithm] = {
+            "ms": 1e3 / runner.median, "gflops_per_s": flops(conv) * runner.median / 1e9,
+            "ratio_to_xla": timing.paired_ratio(runner, runners[0]),
+            "max_relative_difference_to_xla": onednn_differences[algorithm]}
+        if best is not None:
+          result["onednn"][algorithm]["ratio_to_torch_best"] = timing.paired_ratio(runner, best)
+    if best is not None:
       result.update(
           torch_best=best.name, torch_best_ms=1e3 / best.median,
           torch_best_gflops_per_s=flops(conv) * best.median / 1e9,
@@ -189,11 +222,19 @@ def summary(results: dict) -> dict:
   jax_ms = sum(steps * o["jax_ms"] for c in results["convolutions"]
                for o in c["operations"].values())
   out = {"calls_per_step": steps, "jax_ms_per_step": jax_ms}
+  algorithms = [a for a in results["convolutions"][0]["operations"]["forward"].get("onednn", {})]
+  if algorithms:
+    out["onednn_ms_per_step"] = {
+        a: sum(steps * o["onednn"][a]["ms"] for c in results["convolutions"]
+               for o in c["operations"].values()) for a in algorithms}
   if all("torch_best_ms" in o for c in results["convolutions"]
          for o in c["operations"].values()):
     torch_ms = sum(steps * o["torch_best_ms"] for c in results["convolutions"]
                    for o in c["operations"].values())
     out.update(torch_best_ms_per_step=torch_ms, ratio_jax_to_torch=torch_ms / jax_ms)
+    if algorithms:
+      out["onednn_ratio_to_torch"] = {a: torch_ms / ms
+                                      for a, ms in out["onednn_ms_per_step"].items()}
     out["by_operation"] = {
         op: {"jax_ms": sum(steps * c["operations"][op]["jax_ms"]
                            for c in results["convolutions"]),
@@ -219,6 +260,12 @@ def print_report(results: dict) -> None:
             + (f" {o['torch_best_ms']:8.2f} {o['torch_best_gflops_per_s']:5.0f}"
                f" {o['torch_best']:18s} {o['ratio_jax_to_torch_best']:9.2f}"
                f" {o['max_relative_difference']:8.1e}" if "torch_best" in o else ""))
+      for algorithm, a in o.get("onednn", {}).items():
+        print(f"{'':14s} {'':9s} {'':6s} {'  onednn ' + algorithm:16s} {a['ms']:7.2f}"
+              f" {a['gflops_per_s']:5.0f}  / XLA's {a['ratio_to_xla']:.2f}"
+              + (f", / torch best {a['ratio_to_torch_best']:.2f}"
+                 if "ratio_to_torch_best" in a else "")
+              + f", max diff to XLA {a['max_relative_difference_to_xla']:.1e}")
   s = results["summary"]
   line = (f"\nPer training step ({s['calls_per_step']} calls of each):"
           f" JAX {s['jax_ms_per_step']:.0f} ms")
@@ -228,6 +275,10 @@ def print_report(results: dict) -> None:
                  f"{op} {v['jax_ms']:.0f} / {v['torch_best_ms']:.0f}"
                  for op, v in s["by_operation"].items()))
   print(line)
+  for algorithm, ms in s.get("onednn_ms_per_step", {}).items():
+    print(f"  onednn {algorithm}: {ms:.0f} ms per step"
+          + (f" (speed / torch best {s['onednn_ratio_to_torch'][algorithm]:.2f})"
+             if "onednn_ratio_to_torch" in s else ""))
   print(f"load average (1, 5, 15 min): start {results['load_start']}, end {results['load_end']}")
 
 
@@ -257,6 +308,16 @@ def main(argv):
   if _PRESET.value not in convdraw.PRESETS:
     raise app.UsageError(f"--preset must be one of {sorted(convdraw.PRESETS)}; "
                          f"got {_PRESET.value!r}.")
+  unknown = [a for a in _ONEDNN.value if a not in ("direct", "winograd")]
+  if unknown or len(set(_ONEDNN.value)) != len(_ONEDNN.value):
+    raise app.UsageError(f"--onednn takes distinct values among direct, winograd; got "
+                         f"{','.join(_ONEDNN.value)}.")
+  if _ONEDNN.value:
+    from geco_jax.ops import onednn  # noqa: PLC0415
+
+    ok, why = onednn.available()
+    if not ok:
+      raise app.UsageError(f"--onednn: {why}")
   torch = timing.import_torch(_TORCH.value)
   import jax
 

@@ -281,10 +281,14 @@ def test_conv_ops_computes_the_three_operations():
     for j in range(3):
       dx[:, i:i + 5, j:j + 4] += np.einsum("nhwf,cf->nhwc", dy, kernel[i, j])
   expected["input gradient"] = dx[:, 1:6, 1:5]
-  ops = conv_ops.jax_operations(conv)
-  for op in conv_ops.OPERATIONS:
-    fn, args = ops[op]
-    np.testing.assert_allclose(np.asarray(fn(*args)), expected[op], rtol=1e-5, atol=1e-5)
+  from geco_jax.ops import onednn
+  algorithms = [None] + (list(onednn.ALGORITHMS) if onednn.available()[0] else [])
+  for algorithm in algorithms:
+    ops = conv_ops.jax_operations(conv, algorithm)
+    for op in conv_ops.OPERATIONS:
+      fn, args = ops[op]
+      np.testing.assert_allclose(np.asarray(fn(*args)), expected[op], rtol=1e-5, atol=1e-5,
+                                 err_msg=f"{algorithm} {op}")
   torch = pytest.importorskip("torch")
   for layout in ("nchw", "channels_last"):
     for op, (fn, axes) in conv_ops.torch_operations(torch, conv, layout).items():
@@ -315,6 +319,35 @@ def test_conv_ops_cli_writes_the_results(tmp_path):
         assert entry["max_relative_difference"] < 1e-4
   assert results["summary"]["jax_ms_per_step"] > 0
   assert "Per training step" in done.stdout
+
+
+def test_conv_ops_times_onednns_algorithms_too(tmp_path):
+  from geco_jax.ops import onednn
+
+  if not onednn.available()[0]:
+    pytest.skip("oneDNN unavailable")
+  out = tmp_path / "conv_ops.json"
+  done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.conv_ops", "--batch=2", "--seconds=0.02",
+       "--rounds=1", "--torch=off", "--onednn=direct,winograd", f"--json={out}"],
+      cwd=_ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads(out.read_text())
+  for c in results["convolutions"]:
+    for entry in c["operations"].values():
+      assert sorted(entry["onednn"]) == ["direct", "winograd"]
+      for timed in entry["onednn"].values():
+        assert timed["ms"] > 0 and timed["max_relative_difference_to_xla"] < 1e-4
+  assert sorted(results["summary"]["onednn_ms_per_step"]) == ["direct", "winograd"]
+  assert "onednn winograd:" in done.stdout
+
+
+def test_conv_ops_rejects_an_unknown_onednn_algorithm():
+  done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.conv_ops", "--onednn=direct,fft", "--json="],
+      cwd=_ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode != 0
+  assert "--onednn takes distinct values" in done.stderr.strip().splitlines()[-1]
 
 
 def test_conv_ops_rejects_an_unknown_preset():
