@@ -12,6 +12,10 @@ It times, in interleaved windows of one process (``benchmarks.timing``):
   jax xla       the trainer's step (``experiments.train.Experiment.step_fn``,
                 ``configs/convdraw_mnist.py`` with its XLA flags), XLA's convolutions
   jax onednn    the same with ``convolutions='onednn'`` (``geco_jax.ops.onednn``)
+  jax onednn_winograd
+                the same with ``convolutions='onednn_winograd'`` (the gates by
+                Winograd's F(2x2, 3x3); its kernel transforms, in JAX, count as
+                convolution time)
   jax skip      the onednn program with its convolution handlers replaced by one
                 that does no work (``benchmarks/skip_conv.cc``): everything but
                 the stride-1 convolutions
@@ -127,6 +131,10 @@ def torch_skip_runner(torch, config, images, threads: int) -> timing.Runner:
   return runner
 
 
+# The JAX steps timed whole, each against the same skip program.
+CONVOLUTIONS = ("xla", "onednn", "onednn_winograd")
+
+
 def parts(runners: dict) -> dict:
   """Per-round milliseconds of each part and JAX / torch speed ratios, as medians."""
   ms = {name: [1e3 / rate for rate in r.rates] for name, r in runners.items()}
@@ -138,7 +146,9 @@ def parts(runners: dict) -> dict:
       "jax_over_torch": statistics.median(
           ms["torch skip"][i] / ms["jax skip"][i] for i in rounds)}
   out["convolutions"] = {"torch_ms": statistics.median(torch_convs)}
-  for convolutions in ("xla", "onednn"):
+  for convolutions in CONVOLUTIONS:
+    if f"jax {convolutions}" not in ms:
+      continue
     jax_convs = [ms[f"jax {convolutions}"][i] - ms["jax skip"][i] for i in rounds]
     out["convolutions"][f"jax_{convolutions}_ms"] = statistics.median(jax_convs)
     out["convolutions"][f"jax_{convolutions}_over_torch"] = statistics.median(
@@ -181,6 +191,8 @@ def main(argv):
   onednn_config = step_time._config(  # pylint: disable=protected-access
       "convdraw", batch_size=_BATCH.value, convolutions="onednn")
   steps["jax onednn"] = step_time.JaxStep(onednn_config, images, devices)
+  steps["jax onednn_winograd"] = step_time.JaxStep(step_time._config(  # pylint: disable=protected-access
+      "convdraw", batch_size=_BATCH.value, convolutions="onednn_winograd"), images, devices)
   steps["jax skip"] = jax_skip_step(onednn_config, images, devices)
   runners = {name: step.runner(name) for name, step in steps.items()}
   threads = os.cpu_count()
@@ -201,11 +213,11 @@ def main(argv):
         f"(load {load_start[0]} -> {results['load_end'][0]}); torch channels_last, "
         f"{threads} threads; ms per step (medians)")
   for name, value in results["step_ms"].items():
-    print(f"  {name:11s} {value:7.1f}")
+    print(f"  {name:19s} {value:7.1f}")
   out, convs = results["outside_convolutions"], results["convolutions"]
   print(f"outside the stride-1 convolutions: JAX {out['jax_ms']:.1f}, torch "
         f"{out['torch_ms']:.1f}; JAX / torch {out['jax_over_torch']:.2f}")
-  for convolutions in ("xla", "onednn"):
+  for convolutions in CONVOLUTIONS:
     print(f"the stride-1 convolutions, JAX {convolutions}: "
           f"{convs[f'jax_{convolutions}_ms']:.1f} against torch {convs['torch_ms']:.1f}; "
           f"JAX / torch {convs[f'jax_{convolutions}_over_torch']:.2f} (whole step "

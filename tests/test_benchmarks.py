@@ -490,8 +490,8 @@ class _FakeRunner:
 def test_convdraw_parts_splits_the_step_into_convolutions_and_the_rest():
   from benchmarks import convdraw_parts
 
-  ms = {"jax xla": [120, 110], "jax onednn": [90, 100], "jax skip": [50, 50],
-        "torch": [100, 100], "torch skip": [40, 40]}
+  ms = {"jax xla": [120, 110], "jax onednn": [90, 100], "jax onednn_winograd": [80, 90],
+        "jax skip": [50, 50], "torch": [100, 100], "torch skip": [40, 40]}
   out = convdraw_parts.parts({name: _FakeRunner(v) for name, v in ms.items()})
   assert out["step_ms"]["jax xla"] == pytest.approx(115)
   assert out["outside_convolutions"] == pytest.approx(
@@ -502,6 +502,8 @@ def test_convdraw_parts_splits_the_step_into_convolutions_and_the_rest():
   assert convs["jax_xla_over_torch"] == pytest.approx((60 / 70 + 1) / 2)
   assert convs["jax_onednn_ms"] == pytest.approx(45)       # 40 and 50
   assert convs["jax_onednn_over_torch"] == pytest.approx((1.5 + 1.2) / 2)
+  assert convs["jax_onednn_winograd_ms"] == pytest.approx(35)   # 30 and 40
+  assert convs["jax_onednn_winograd_over_torch"] == pytest.approx((2 + 1.5) / 2)
   assert out["step_jax_xla_over_torch"] == pytest.approx((100 / 120 + 100 / 110) / 2)
 
 
@@ -555,11 +557,12 @@ def test_convdraw_parts_cli_writes_the_results(tmp_path):
       cwd=_ROOT, capture_output=True, text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   results = json.loads(out.read_text())
-  assert set(results["step_ms"]) == {"jax xla", "jax onednn", "jax skip", "torch",
-                                     "torch skip"}
+  assert set(results["step_ms"]) == {"jax xla", "jax onednn", "jax onednn_winograd",
+                                     "jax skip", "torch", "torch skip"}
   # The skip program is the onednn program with other handlers: the same work
   # outside the custom calls (XLA counts no FLOPs in those).
   assert results["gflop"]["jax skip"] == results["gflop"]["jax onednn"]
   assert results["gflop"]["jax skip"] < results["gflop"]["jax xla"] / 10
-  assert set(results["convolutions"]) == {"torch_ms", "jax_xla_ms", "jax_xla_over_torch",
-                                          "jax_onednn_ms", "jax_onednn_over_torch"}
+  assert set(results["convolutions"]) == {
+      "torch_ms", "jax_xla_ms", "jax_xla_over_torch", "jax_onednn_ms",
+      "jax_onednn_over_torch", "jax_onednn_winograd_ms", "jax_onednn_winograd_over_torch"}
