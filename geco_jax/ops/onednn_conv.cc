@@ -145,10 +145,42 @@ std::shared_ptr<Primitive> GetPrimitive(Op op, const Shape& s, int64_t n,
   return p;
 }
 
-struct Call {
+// What both kinds of call share: the chunks, the first error, the future's promise.
+struct ChunkedCall {
+  int64_t chunks = 1;
+  std::atomic<int64_t> left{0};
+  std::atomic<bool> failed{false};
+  std::mutex error_mutex;
+  std::string error;
+  ffi::Promise promise;
+
+  void Fail(const std::string& message) {
+    std::lock_guard<std::mutex> lock(error_mutex);
+    if (!failed.exchange(true)) error = message;
+  }
+};
+
+// Runs run(call, i) for every chunk i as a task on XLA's pool; the last task to end
+// calls finish(call), which makes the future ready.
+template <typename CallT>
+void ScheduleChunks(ffi::ThreadPool pool, const std::shared_ptr<CallT>& call,
+                    void (*run)(CallT&, int64_t), void (*finish)(CallT&)) {
+  call->left = call->chunks;
+  for (int64_t i = 0; i < call->chunks; ++i) {
+    pool.Schedule([call, i, run, finish]() {
+      try {
+        run(*call, i);
+      } catch (const std::exception& e) {
+        call->Fail(e.what());
+      }
+      if (call->left.fetch_sub(1, std::memory_order_acq_rel) == 1) finish(*call);
+    });
+  }
+}
+
+struct Call : ChunkedCall {
   Op op;
   Shape s;
-  int64_t chunks;
   const float* a;  // x (forward, backward weights) or dy (backward data)
   const float* b;  // w (forward, backward data) or dy (backward weights)
   float* out;
@@ -156,21 +188,12 @@ struct Call {
   memory user_weights, weights;      // the kernel (or its gradient) in the user's and the primitive's layout
   std::vector<std::vector<float>> partial;  // backward weights: each chunk's kernel gradient
   size_t weights_size = 0;
-  std::atomic<int64_t> left{0};
-  std::atomic<bool> failed{false};
-  std::mutex error_mutex;
-  std::string error;
-  ffi::Promise promise;
 
   int64_t Start(int64_t i) const {
     int64_t base = s.n / chunks, extra = s.n % chunks;
     return i * base + std::min(i, extra);
   }
   int64_t Size(int64_t i) const { return s.n / chunks + (i < s.n % chunks ? 1 : 0); }
-  void Fail(const std::string& message) {
-    std::lock_guard<std::mutex> lock(error_mutex);
-    if (!failed.exchange(true)) error = message;
-  }
 };
 
 void RunChunk(Call& call, int64_t i) {
@@ -268,17 +291,7 @@ ffi::Future Convolve(Op op, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
                                       std::string("oneDNN convolution: ") + e.what()));
     return future;
   }
-  call->left = call->chunks;
-  for (int64_t i = 0; i < call->chunks; ++i) {
-    pool.Schedule([call, i]() {
-      try {
-        RunChunk(*call, i);
-      } catch (const std::exception& e) {
-        call->Fail(e.what());
-      }
-      if (call->left.fetch_sub(1, std::memory_order_acq_rel) == 1) Finish(*call);
-    });
-  }
+  ScheduleChunks(pool, call, RunChunk, Finish);
   return future;
 }
 
@@ -512,27 +525,17 @@ void KernelGradient(const float* x, const float* dy, const Dims& s, int64_t firs
   }
 }
 
-struct Call {
+struct Call : ChunkedCall {
   Op op;
   Dims s;  // for backward data: the convolution of dy (cin = f) into dx (cout = c)
-  int64_t chunks;
   const float* a;  // x (forward, backward weights) or dy (backward data)
   const float* b;  // U (forward, backward data) or dy (backward weights)
   float* out;
   std::vector<std::vector<float>> partial;  // backward weights: each chunk's dU
-  std::atomic<int64_t> left{0};
-  std::atomic<bool> failed{false};
-  std::mutex error_mutex;
-  std::string error;
-  ffi::Promise promise;
 
   int64_t Start(int64_t i) const {
     const int64_t tiles = s.tiles(), base = tiles / chunks, extra = tiles % chunks;
     return i * base + std::min(i, extra);
-  }
-  void Fail(const std::string& message) {
-    std::lock_guard<std::mutex> lock(error_mutex);
-    if (!failed.exchange(true)) error = message;
   }
 };
 
@@ -592,17 +595,7 @@ ffi::Future Run(Op op, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffe
       return future;
     }
   }
-  call->left = call->chunks;
-  for (int64_t i = 0; i < call->chunks; ++i) {
-    pool.Schedule([call, i]() {
-      try {
-        RunChunk(*call, i);
-      } catch (const std::exception& e) {
-        call->Fail(e.what());
-      }
-      if (call->left.fetch_sub(1, std::memory_order_acq_rel) == 1) Finish(*call);
-    });
-  }
+  ScheduleChunks(pool, call, RunChunk, Finish);
   return future;
 }
 
