@@ -222,7 +222,7 @@ def summary(results: dict) -> dict:
   jax_ms = sum(steps * o["jax_ms"] for c in results["convolutions"]
                for o in c["operations"].values())
   out = {"calls_per_step": steps, "jax_ms_per_step": jax_ms}
-  algorithms = [a for a in results["convolutions"][0]["operations"]["forward"].get("onednn", {})]
+  algorithms = list(results["convolutions"][0]["operations"]["forward"].get("onednn", {}))
   if algorithms:
     out["onednn_ms_per_step"] = {
         a: sum(steps * o["onednn"][a]["ms"] for c in results["convolutions"]
@@ -308,13 +308,13 @@ def main(argv):
   if _PRESET.value not in convdraw.PRESETS:
     raise app.UsageError(f"--preset must be one of {sorted(convdraw.PRESETS)}; "
                          f"got {_PRESET.value!r}.")
-  unknown = [a for a in _ONEDNN.value if a not in ("direct", "winograd")]
-  if unknown or len(set(_ONEDNN.value)) != len(_ONEDNN.value):
-    raise app.UsageError(f"--onednn takes distinct values among direct, winograd; got "
-                         f"{','.join(_ONEDNN.value)}.")
-  if _ONEDNN.value:
-    from geco_jax.ops import onednn  # noqa: PLC0415
+  from geco_jax.ops import onednn
 
+  unknown = [a for a in _ONEDNN.value if a not in onednn.ALGORITHMS]
+  if unknown or len(set(_ONEDNN.value)) != len(_ONEDNN.value):
+    raise app.UsageError(f"--onednn takes distinct values among {', '.join(onednn.ALGORITHMS)}; "
+                         f"got {','.join(_ONEDNN.value)}.")
+  if _ONEDNN.value:
     ok, why = onednn.available()
     if not ok:
       raise app.UsageError(f"--onednn: {why}")

@@ -245,14 +245,13 @@ class _GroupedConv(nn.Module):
     if inputs:
       x = inputs[0] if len(inputs) == 1 else jnp.concatenate(inputs, axis=-1)
       w = jnp.concatenate([kernel[:, :, lo:hi] for lo, hi in ranges], axis=2)
-      if self.convolutions == "onednn":
-        shares.append(onednn.conv2d_same(x, w))
-      elif self.convolutions == "onednn_winograd":
-        winograd = k == 3 and self.features >= WINOGRAD_MIN_FEATURES
-        shares.append(onednn.conv2d_same(x, w, "winograd" if winograd else "direct"))
-      else:
+      if self.convolutions == "xla":
         shares.append(jax.lax.conv_general_dilated(
             x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+      else:
+        winograd = (self.convolutions == "onednn_winograd" and k == 3
+                    and self.features >= WINOGRAD_MIN_FEATURES)
+        shares.append(onednn.conv2d_same(x, w, "winograd" if winograd else "direct"))
     if not shares:      # every input zero: the bias alone
       shape = (*groups[0].shape[:-1], self.features)
       return jnp.broadcast_to(bias, shape) if use_bias else jnp.zeros(shape, bias.dtype)
