@@ -245,8 +245,10 @@ def winograd_kernel(w: jax.Array) -> jax.Array:
   """U [16, c, f]: U_(4i + j) = (G g G^T)_ij of an HWIO 3x3 kernel g [3, 3, c, f].
 
   In JAX, so that a kernel used by several convolutions (ConvDraw's T steps)
-  is transformed once (XLA merges the identical transforms) and its gradient,
-  G^T dU G, is autodiff's, summed over the calls first.
+  is transformed once (XLA merges the identical transforms: a ConvDraw
+  gradient computes 5, one per kernel slice in use) and its gradient,
+  G^T dU G, is autodiff's ([9, 16] x [16, c f] per call: XLA does not sum
+  the calls' dU first).
   """
   # One [16, 9] x [9, c f] product with G (x) G (Kronecker): K[4i + j, 3k + l] =
   # G[i, k] G[j, l]. (The three-operand einsum compiled 10x slower here: 1.5 ms
