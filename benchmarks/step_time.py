@@ -112,13 +112,14 @@ _RECURRENCE = flags.DEFINE_string("convdraw_recurrence", None,
                                   "ConvDraw's recurrence form (default: the preset's).")
 _CONVOLUTIONS = flags.DEFINE_list(
     "convdraw_convolutions", [],
-    "ConvDraw's convolutions (geco_jax.models.convdraw.CONVOLUTIONS: xla, onednn). The "
-    "first replaces the config's in every section; in 'compare', each further one is "
-    "timed as one more JAX runner in the same rounds (e.g. 'xla,onednn').")
+    "ConvDraw's convolutions (experiments.setup.CONVOLUTIONS: auto, xla, onednn, "
+    "onednn_winograd). The first replaces the config's ('auto') in every section; in "
+    "'compare', each further one is timed as one more JAX runner in the same rounds "
+    "(e.g. 'auto,xla').")
 
 
 def _convdraw_forms_are_known(_) -> bool:
-  from geco_jax.models.convdraw import CONVOLUTIONS  # noqa: PLC0415
+  from experiments.setup import CONVOLUTIONS  # noqa: PLC0415
   from geco_jax.models.convdraw import RECURRENCES  # noqa: PLC0415
 
   unknown = [c for c in _CONVOLUTIONS.value if c not in CONVOLUTIONS]
@@ -498,9 +499,11 @@ def compare(torch, images, devices, models) -> dict:
       if torch_runners:
         eager = max(torch_runners, key=lambda r: r.median)
         entry["ratio_torch_compiled_to_eager_best"] = _paired_ratio(best, eager)
+    if name == "convdraw":   # the config's value, and what it ran ('auto' resolved)
+      entry["config_convolutions"] = config.model.get("convolutions", "xla")
+      entry["convolutions"] = geco.experiment.model.convolutions
     if variants:
       best = max(torch_runners, key=lambda r: r.median) if torch_runners else None
-      entry["convolutions"] = config.model.get("convolutions", "xla")
       entry["jax_variants"] = {
           convolutions: {
               "steps_per_s": runner.median, "windows": runner.rates,
@@ -660,6 +663,9 @@ def print_report(results: dict) -> None:
             "convolutions: GFLOP and %pk undercount; docs/performance.md uses CPU counts)")
     for name, e in results["compare"].items():
       low, high = e["geco_overhead_interquartile"]
+      if "convolutions" in e:
+        print(f"  {name}: JAX ran convolutions={e['convolutions']!r} (the config's "
+              f"{e.get('config_convolutions', e['convolutions'])!r})")
       print(f"  {name}: torch " + (", ".join(
           f"{k} {v['steps_per_s']:.2f}" for k, v in e["torch"].items()) or "-")
               + f"; GECO overhead {e['geco_overhead']:+.1%} (interquartile"

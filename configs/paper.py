@@ -74,12 +74,17 @@ def convdraw(dataset: str, preset_family: str, arg=None, *, source: str = "npz",
   config = _common(dataset, source, size)
   config.model.name = "conditional_convdraw" if conditional else "convdraw"
   config.model.preset = f"{preset_family}_{size}"
-  # 'onednn' computes the stride-1 convolutions with oneDNN on XLA:CPU's pool
-  # (the `onednn` extra; CPU only): 6-10% faster steps on the project's CPU
-  # (docs/performance.md, lever 32); 'onednn_winograd' the gates' 3x3 ones by
-  # Winograd's F(2x2, 3x3) besides (lever 38: 0-9% faster again). XLA's own by
-  # default, which need nothing.
-  config.model.convolutions = "xla"
+  # Who computes the stride-1 convolutions. 'auto' (experiments.setup.make_model,
+  # geco_jax.models.convdraw.choose_convolutions): on one CPU device where
+  # oneDNN is available (installed with geco-jax on x86-64 Linux, built with
+  # g++ at first use), 'onednn_winograd': the gates' 3x3 convolutions by
+  # Winograd's F(2x2, 3x3) with oneDNN's sgemm, the others by oneDNN's direct
+  # ones, on XLA:CPU's pool; everywhere else (accelerators, several devices,
+  # no oneDNN) XLA's own, 'xla'. On the project's CPU the step ran at
+  # 1.01-1.16 of its PyTorch twin's with 'onednn_winograd' against 0.93-0.97
+  # with 'xla' (docs/performance.md, levers 32 and 38). Same parameters
+  # either way: set 'xla' to pin XLA's.
+  config.model.convolutions = "auto"
   config.xla_flags = CONVDRAW_CPU_XLA_FLAGS
   return add_re(config, tolerance)
 

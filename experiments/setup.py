@@ -17,6 +17,7 @@ import os
 import pathlib
 from typing import Any, Callable
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -52,6 +53,10 @@ LABELLED_DATASETS = ("mnist", "fashion_mnist", "cifar10", "micro_mnist")
 MODEL_CLASSES = {"conv_vae": ConvVAE, "convdraw": ConvDraw,
                  "conditional_convdraw": ConditionalConvDraw, "vae_nvp": VAENVP}
 MODELS = tuple(MODEL_CLASSES)
+# ConvDraw's config.model.convolutions: the library's values, or 'auto', which
+# make_model resolves on the machine it runs on (convdraw.choose_convolutions:
+# 'onednn_winograd' on one CPU device where oneDNN is available, else 'xla').
+CONVOLUTIONS = ("auto", *convdraw_lib.CONVOLUTIONS)
 VAE_NVP_PRESETS = {"cpu": vae_nvp_lib.CPU_PRESET,
                    "accelerator": vae_nvp_lib.ACCELERATOR_PRESET,
                    "micro_mnist": vae_nvp_lib.MICRO_MNIST_PRESET}
@@ -204,10 +209,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"config.model.name must be one of {MODELS}; got {model.name!r}.")
   model_kwargs(config, (28, 28, 1))  # names and presets; shapes in check_data
   if model.name in ("convdraw", "conditional_convdraw") and "convolutions" in model:
-    require(model.convolutions in convdraw_lib.CONVOLUTIONS,
-            f"config.model.convolutions must be one of {convdraw_lib.CONVOLUTIONS}; "
+    require(model.convolutions in CONVOLUTIONS,
+            f"config.model.convolutions must be one of {CONVOLUTIONS}; "
             f"got {model.convolutions!r}.")
-    if model.convolutions != "xla":   # 'onednn', 'onednn_winograd'
+    if model.convolutions not in ("xla", "auto"):   # 'onednn', 'onednn_winograd'
       try:
         onednn.check_installed()   # JAX's backend is checked in check_data
       except onednn.OneDNNUnavailable as e:
@@ -383,7 +388,7 @@ def check_data(config: ml_collections.ConfigDict, data: dict) -> None:
           f"config.batch_size ({config.batch_size}) must be divisible by the number of "
           f"devices ({devices}): the global batch is split evenly over them.")
   convolutions = config.model.get("convolutions", "xla")
-  if convolutions != "xla":   # 'onednn', 'onednn_winograd'
+  if convolutions not in ("xla", "auto"):   # 'onednn', 'onednn_winograd'
     try:
       onednn.require()   # the CPU backend, and the handlers built
     except onednn.OneDNNUnavailable as e:
@@ -506,9 +511,17 @@ def check_workdir_matches(config: ml_collections.ConfigDict, workdir) -> None:
 
 # Model --------------------------------------------------------------------- #
 
-def make_model(config: ml_collections.ConfigDict, image_shape):
-  """The configured model (a Flax module) for images of ``image_shape``."""
-  return MODEL_CLASSES[config.model.name](**model_kwargs(config, image_shape))
+def make_model(config: ml_collections.ConfigDict, image_shape, num_devices=None):
+  """The configured model (a Flax module) for images of ``image_shape``.
+
+  ConvDraw's ``convolutions='auto'`` becomes ``convdraw.choose_convolutions(num_devices)``
+  here (``num_devices``: those the step runs on, default all), and the choice is logged.
+  """
+  kwargs = model_kwargs(config, image_shape)
+  if kwargs.get("convolutions") == "auto":
+    kwargs["convolutions"], why = convdraw_lib.choose_convolutions(num_devices)
+    logging.info("config.model.convolutions='auto': %r (%s).", kwargs["convolutions"], why)
+  return MODEL_CLASSES[config.model.name](**kwargs)
 
 
 def is_conditional(model) -> bool:

@@ -248,7 +248,7 @@ class Experiment:
           f"config.batch_size ({config.batch_size}) must be divisible by the number "
           f"of devices ({self.num_devices}).")
     image_shape = data["train"]["image"].shape[1:]
-    self.model = setup.make_model(config, image_shape)
+    self.model = setup.make_model(config, image_shape, self.num_devices)
     self.tx = setup.make_optimizer(config)
     self.uses_geco = config.objective == "geco"
     self.constraint_fn = setup.make_constraint_fn(config)

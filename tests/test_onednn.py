@@ -7,6 +7,7 @@ C++ compiler these tests skip, unless GECO_REQUIRE_ONEDNN=1 (CI sets it),
 which turns the skip into a failure.
 """
 
+import logging
 import os
 import pathlib
 import shutil
@@ -21,6 +22,7 @@ import pytest
 from configs import convdraw_mnist
 from experiments import setup
 from geco_jax.models import ConvDraw
+from geco_jax.models import convdraw as convdraw_lib
 from geco_jax.models import convdraw_preset
 from geco_jax.ops import onednn
 
@@ -214,14 +216,58 @@ def test_convdraw_rejects_unknown_convolutions():
 
 def test_config_convolutions_are_validated(monkeypatch, tmp_path):
   config = convdraw_mnist.get_config()
-  assert config.model.convolutions == "xla"
+  assert config.model.convolutions == "auto"
+  setup.validate_config(config)
   config.model.convolutions = "cudnn"
-  with pytest.raises(setup.ConfigError, match="convolutions must be one of"):
+  with pytest.raises(setup.ConfigError, match=r"convolutions must be one of \('auto', 'xla'"):
     setup.validate_config(config)
   config.model.convolutions = "onednn"
   monkeypatch.setenv("GECO_ONEDNN_ROOT", str(tmp_path))
   with pytest.raises(setup.ConfigError, match=r"convolutions='onednn': oneDNN .* not found"):
     setup.validate_config(config)
+
+
+def test_choose_convolutions_picks_winograd_on_one_cpu_device(require_onednn):
+  choice, why = convdraw_lib.choose_convolutions(1)
+  assert choice == "onednn_winograd" and choice in convdraw_lib.CONVOLUTIONS
+  assert require_onednn in why   # oneDNN's version
+
+
+def test_choose_convolutions_falls_back_to_xla(monkeypatch):
+  choice, why = convdraw_lib.choose_convolutions()   # tests/conftest.py: 8 host devices
+  assert choice == "xla" and "on 8 devices" in why
+  assert convdraw_lib.choose_convolutions(2)[0] == "xla"
+  monkeypatch.setattr(onednn, "available", lambda: (False, "no oneDNN in this test"))
+  assert convdraw_lib.choose_convolutions(1) == (
+      "xla", "oneDNN's convolutions are unavailable here: no oneDNN in this test")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  choice, why = convdraw_lib.choose_convolutions(1)
+  assert choice == "xla" and "'gpu'" in why
+
+
+def test_choose_convolutions_without_onednn_installed(tmp_path):
+  """No oneDNN under GECO_ONEDNN_ROOT: XLA's convolutions, and the reason names it."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", GECO_ONEDNN_ROOT=str(tmp_path / "none"))
+  result = subprocess.run(
+      [sys.executable, "-c", "from geco_jax.models import convdraw; "
+       "print(*convdraw.choose_convolutions(1), sep='|')"],
+      env=env, capture_output=True, text=True, timeout=120, check=True)
+  choice, why = result.stdout.strip().splitlines()[-1].split("|")
+  assert choice == "xla" and "not found" in why and str(tmp_path / "none") in why
+
+
+def test_make_model_resolves_auto_on_its_devices(require_onednn, caplog):
+  config = convdraw_mnist.get_config()
+  caplog.set_level(logging.INFO)
+  assert setup.make_model(config, (28, 28, 1), num_devices=1).convolutions == "onednn_winograd"
+  assert "config.model.convolutions='auto': 'onednn_winograd'" in caplog.text
+  assert setup.make_model(config, (28, 28, 1)).convolutions == "xla"   # 8 host devices
+  config.model.convolutions = "onednn"
+  assert setup.make_model(config, (28, 28, 1), num_devices=1).convolutions == "onednn"
+  # 'auto' is not refused on several devices (as 'onednn' is): it picks 'xla' there.
+  config.model.convolutions = "auto"
+  images = np.zeros((64, 28, 28, 1), np.float32)
+  setup.check_data(config, {"train": {"image": images}, "test": {"image": images}})
 
 
 def test_main_without_onednn_is_one_line_and_exit_status_2(tmp_path):

@@ -63,6 +63,9 @@ first use). Same parameters and values to float rounding; on the project's
 but for the 3x3 convolutions with at least ``WINOGRAD_MIN_FEATURES`` outputs
 (the gates'), which run Winograd's F(2x2, 3x3): 16 multiplications per 2x2
 output tile instead of 36, as matrix products by oneDNN's sgemm (lever 38).
+``choose_convolutions()`` says which to use on this machine: 'onednn_winograd'
+on one CPU device where oneDNN is available, else 'xla' (what the
+experiments' configs ask for with ``'auto'``).
 
 Presets (``convdraw_preset(name)``; dicts of constructor keyword arguments):
   mnist_cpu            28x28x1, T=8,  hidden 32,  latent 8,  read 16, 3x3 kernels
@@ -126,6 +129,39 @@ CONVOLUTIONS = ("xla", "onednn", "onednn_winograd")
 # With 'onednn_winograd', a 3x3 convolution with at least this many output
 # channels (the gates') is Winograd's F(2x2, 3x3); the others are oneDNN's direct.
 WINOGRAD_MIN_FEATURES = 64
+
+
+def choose_convolutions(num_devices: int | None = None) -> tuple[str, str]:
+  """The ``convolutions`` value for this machine, and why: what ``'auto'`` means.
+
+  ``'onednn_winograd'`` where it can run: JAX's default backend is the CPU,
+  the step runs on one device (XLA does not split the oneDNN calls over
+  several) and ``geco_jax.ops.onednn`` is available (oneDNN's packages and a
+  C++ compiler; its handlers are built here once, in about 5 s, then cached).
+  ``'xla'`` everywhere else: on an accelerator, on several devices, or when
+  oneDNN cannot run (the reason says why). Both compute the same function
+  from the same parameters (to float rounding, about 1e-6 relative), so a
+  checkpoint trained with one resumes with the other.
+
+  Why this order: on the project's 2-core CPU, ConvDraw's mnist_cpu training
+  step with 'onednn_winograd' ran at 1.01-1.16 of its PyTorch twin's speed,
+  against 0.98-1.05 with 'onednn' and 0.93-0.97 with 'xla' in the same runs
+  (docs/performance.md, lever 38).
+
+  Args:
+    num_devices: devices the step is split over (default: ``jax.device_count()``).
+  """
+  backend = jax.default_backend()
+  if backend != "cpu":
+    return "xla", f"JAX's default backend is {backend!r}: oneDNN's convolutions run on the CPU only"
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  if num_devices != 1:
+    return "xla", (f"the step runs on {num_devices} devices, over which XLA does not "
+                   "split oneDNN's calls")
+  ok, why = onednn.available()
+  if not ok:
+    return "xla", f"oneDNN's convolutions are unavailable here: {why}"
+  return "onednn_winograd", f"the CPU backend, one device, {why}"
 
 PRESETS: dict[str, dict[str, Any]] = {
     # 3x3 kernels on the CPU: 5x5 has 2.8x the FLOPs and measured about half
@@ -612,7 +648,7 @@ class ConvDraw(_ConvDrawCore):
       same values to float rounding, 6-11% faster steps on the project's
       CPU), or 'onednn_winograd' (the same, the gates by Winograd's
       F(2x2, 3x3) when their kernels are 3x3). The strided reads and the
-      write stay XLA's.
+      write stay XLA's. ``choose_convolutions()`` picks one for this machine.
 
   The defaults are the ``mnist_cpu`` preset with the 'unrolled' recurrence.
   """

@@ -13,7 +13,9 @@ project's 2-core CPU it made ConvDraw's training step 6-11% faster than
 XLA's own convolutions (docs/performance.md, levers 32 and 33).
 ``conv2d_same(x, w, 'winograd')`` computes a 3x3 one by Winograd's
 F(2x2, 3x3) instead: the tiles' transforms in C++, their 16 matrix products
-by oneDNN's sgemm (ConvDraw's ``convolutions='onednn_winograd'``, lever 38).
+by oneDNN's sgemm (ConvDraw's ``convolutions='onednn_winograd'``, lever 38,
+which ``convdraw.choose_convolutions`` picks on one CPU device where this
+module is available: the experiments' default, ``'auto'``).
 
 How it runs: each call splits its batch into one chunk per thread of XLA's
 intra-op pool, runs every chunk as a single-threaded oneDNN primitive in a
@@ -22,7 +24,8 @@ so no thread competes with XLA's. (oneDNN with its own threads was faster
 alone but slowed the whole step: lever 31.) The kernel gradient sums the
 chunks' partial gradients, so its rounding differs from XLA's.
 
-Requirements (``pip install 'geco-jax[onednn]'``):
+Requirements (installed with geco-jax on x86-64 Linux; elsewhere
+``pip install 'geco-jax[onednn]'`` where the wheels exist):
 - oneDNN's OpenMP build and headers from PyPI: ``onednn-cpu-gomp`` and
   ``onednn-devel-cpu-gomp`` (oneDNN 3.2; they install ``lib/libdnnl.so`` and
   ``include/`` under the environment's prefix; ``$GECO_ONEDNN_ROOT`` points
