@@ -16,6 +16,7 @@ from configs import convdraw_mnist
 from configs import default
 from configs import nvp_mnist
 from experiments import setup
+from geco_jax.ops import onednn
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIGS = {"conv_vae": default, "convdraw": convdraw_mnist, "vae_nvp": nvp_mnist}
@@ -222,6 +223,30 @@ def test_step_time_on_cuda_without_a_gpu_is_one_clear_error():
   assert done.returncode != 0
   assert done.stderr.strip().splitlines()[-1] == (
       "--torch_device=cuda, but torch sees no CUDA device.")
+
+
+def test_step_time_counts_the_flops_of_onednns_convolutions():
+  """XLA's cost analysis skips custom calls: a oneDNN step counts its XLA twin's FLOPs."""
+  if not onednn.available()[0]:
+    pytest.skip("oneDNN unavailable")
+  script = (
+      "import jax, numpy as np; from absl import flags; from benchmarks import step_time\n"
+      "flags.FLAGS(['x'])\n"
+      "images = np.random.default_rng(0).random((8, 28, 28, 1), np.float32)\n"
+      "for conv in ('onednn_winograd', 'xla'):\n"
+      "  step = step_time.JaxStep(step_time._config('convdraw', batch_size=8, num_steps=2,"
+      " convolutions=conv), images, jax.devices()[:1])\n"
+      "  cost = step.compiled.cost_analysis()\n"
+      "  cost = cost[0] if isinstance(cost, (list, tuple)) else cost\n"
+      "  print(step.experiment.model.convolutions, step.flops, cost['flops'])\n")
+  done = subprocess.run([sys.executable, "-c", script], cwd=_ROOT, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  (fast, fast_flops, fast_xla_count), (xla, xla_flops, _) = [
+      line.split() for line in done.stdout.strip().splitlines()[-2:]]
+  assert (fast, xla) == ("onednn_winograd", "xla")
+  assert float(fast_xla_count) < 0.2 * float(xla_flops)   # the custom calls uncounted
+  assert abs(float(fast_flops) / float(xla_flops) - 1) < 0.03
 
 
 @pytest.mark.parametrize("flag, message", [
