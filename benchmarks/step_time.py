@@ -27,7 +27,8 @@ compare
   runs one window of each, back to back, so that the load of other jobs falls
   on all alike; the numbers are medians over rounds, and ratios are medians of
   the per-round ratios. Also: compile time (lower + compile) of each JAX step
-  and its FLOPs (XLA's cost analysis), hence the fraction of the matmul peak
+  and its FLOPs (XLA's cost analysis; for a step with oneDNN's convolutions,
+  which it does not count, that of the same step with XLA's), hence the fraction of the matmul peak
   each framework achieves; and GECO's overhead over the ELBO step, from
   ``--geco_rounds`` further pairs of short GECO / ELBO windows. With
   ``--torch_compile``, every torch configuration also runs under
@@ -45,7 +46,8 @@ pipeline
 data_parallel
   Steps/s of ``--dp_model`` at its global batch over 1, 2, 4, 8 forced host
   devices (a subprocess with ``--xla_force_host_platform_device_count``). On
-  a CPU this measures the overhead of splitting, not a speed-up.
+  a CPU this measures the overhead of splitting, not a speed-up. ConvDraw's
+  ``'auto'`` convolutions run as XLA's there, on every device count.
 
 Each model runs with its config's ``xla_flags`` (``configs/paper.py``: ConvDraw's
 keep XLA:CPU's convolutions off YNNPACK), as ``experiments.main`` runs it: XLA
@@ -599,6 +601,10 @@ def data_parallel_child(images) -> dict:
   rows = []
   counts = [int(n) for n in _DP_DEVICES.value if int(n) <= len(jax.devices())]
   config = _config(_DP_MODEL.value)
+  if config.model.get("convolutions") == "auto":
+    # ConvDraw's 'auto' picks oneDNN's convolutions on one device and XLA's on
+    # several: every row runs XLA's, so that the rows differ in the split alone.
+    config.model.convolutions = "xla"
   steps = {n: JaxStep(config, images, jax.devices()[:n]) for n in counts}
   runners = [steps[n].runner(f"{n} devices") for n in counts]
   load_start = _load()
