@@ -214,6 +214,9 @@ class JaxStep:
         compiler_options=compiler_options or None)
     self.compile_s = time.perf_counter() - start
     cost = self.compiled.cost_analysis()
+    own = cost[0] if isinstance(cost, (list, tuple)) else cost
+    # XLA's count for this program itself (custom calls count nothing).
+    self.xla_flops = float(own.get("flops", float("nan"))) if own else float("nan")
     if getattr(self.experiment.model, "convolutions", "xla") != "xla":
       # XLA's cost analysis does not count custom calls (oneDNN's convolutions):
       # the FLOPs of the same step with XLA's convolutions, from its lowering
@@ -278,7 +281,7 @@ class LeanJaxStep(JaxStep):
     self.compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
         *self.args, self.batch).compile()
     self.compile_s = time.perf_counter() - start
-    self.flops = float("nan")
+    self.flops = self.xla_flops = float("nan")
     self.block = jax.block_until_ready
 
   def reset(self):
