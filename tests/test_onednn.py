@@ -134,6 +134,44 @@ def test_many_calls_in_one_program(require_onednn):
         lambda x, w: onednn.conv2d_same(x, w, algorithm)))()) < 1e-5, algorithm
 
 
+def test_winograd_without_the_instruction_set_clones(require_onednn, tmp_path):
+  """The Winograd transforms' plain x86-64 form (what CPUs without AVX2 run) is right too.
+
+  The handlers' transforms are compiled for AVX-512, AVX2 and plain x86-64, and the
+  loader picks one; here the library is built with the plain form alone
+  (-DGECO_WINOGRAD_CLONES=) and checked against XLA, in a fresh process.
+  """
+  script = """
+import jax, jax.numpy as jnp, numpy as np
+from geco_jax.ops import onednn
+root = onednn.check_installed()
+lib = root / "lib"
+path = onednn.build_ffi_library(onednn._SOURCE, "onednn_conv_plain", [
+    "-O3", "-fopenmp", f"-I{root / 'include'}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}",
+    "-DGECO_WINOGRAD_CLONES="])
+onednn._build = lambda root: path
+keys = jax.random.split(jax.random.PRNGKey(0), 3)
+for n, h, w, c, f in [(5, 7, 9, 3, 4), (3, 14, 14, 80, 128), (2, 6, 5, 32, 16)]:
+  x = jax.random.normal(keys[0], (n, h, w, c))
+  k = jax.random.normal(keys[1], (3, 3, c, f))
+  dy = jax.random.normal(keys[2], (n, h, w, f))
+  def loss(conv):
+    return jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(conv(x, k) * dy), (0, 1)))
+  xla = loss(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))(x, k)
+  plain = loss(lambda x, k: onednn.conv2d_same(x, k, "winograd"))(x, k)
+  for a, b in zip(jax.tree.leaves(xla), jax.tree.leaves(plain)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(a)), (n, h, w, c, f)
+print("plain ok", path.name)
+"""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", GECO_JAX_CACHE=str(tmp_path))
+  done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "plain ok onednn_conv_plain-" in done.stdout
+
+
 def test_vmap(require_onednn):
   x, w, _ = _arrays((4, 6, 6, 3, 5, 3, 3))
   xs = jnp.stack([x, 2 * x])

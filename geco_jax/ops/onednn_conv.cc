@@ -349,7 +349,11 @@ struct Dims {
 // (target_clones), so the build stays portable. Against the earlier copy-and-two-passes
 // form, compiled for plain x86-64: ConvDraw's gate convolutions 1.4-1.55x faster one by one
 // (docs/performance.md, lever 40).
+// (Defined empty, -DGECO_WINOGRAD_CLONES=, the build has the plain x86-64 form alone:
+// tests/test_onednn.py checks that form too, which an AVX-512 machine never runs.)
+#ifndef GECO_WINOGRAD_CLONES
 #define GECO_WINOGRAD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 
 // V [16][count][c] = B^T d B for tiles first .. first + count of x [n][h][w][c].
 GECO_WINOGRAD_CLONES
