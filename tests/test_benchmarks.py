@@ -201,15 +201,20 @@ def test_step_time_times_torch_compile_beside_eager(tmp_path):
   assert "torch.compile nchw/1t" in done.stdout
 
 
+def _python(script: str, timeout: int = 120) -> str:
+  """``script`` run by a fresh interpreter at the repository root: its standard output."""
+  done = subprocess.run([sys.executable, "-c", script], cwd=_ROOT, capture_output=True,
+                        text=True, timeout=timeout, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  return done.stdout
+
+
 def test_step_time_size_flag_selects_the_accelerator_presets():
   script = ("from absl import flags; from benchmarks import step_time; "
             "flags.FLAGS(['x', '--size=accelerator']); "
             "print([(step_time._config(n).model.get('preset'), step_time._config(n).batch_size)"
             " for n in ('conv_vae', 'convdraw', 'vae_nvp')])")
-  done = subprocess.run([sys.executable, "-c", script], cwd=_ROOT, capture_output=True,
-                        text=True, timeout=120, check=False)
-  assert done.returncode == 0, done.stderr[-2000:]
-  assert done.stdout.strip() == ("[(None, 64), ('mnist_accelerator', 64), "
+  assert _python(script).strip() == ("[(None, 64), ('mnist_accelerator', 64), "
                                  "('accelerator', 64)]")
 
 
@@ -243,11 +248,8 @@ def test_step_time_counts_the_flops_of_onednns_convolutions():
       "  cost = cost[0] if isinstance(cost, (list, tuple)) else cost\n"
       "  assert step.xla_flops == cost['flops']\n"
       "  print(step.experiment.model.convolutions, step.flops, step.xla_flops)\n")
-  done = subprocess.run([sys.executable, "-c", script], cwd=_ROOT, capture_output=True,
-                        text=True, timeout=300, check=False)
-  assert done.returncode == 0, done.stderr[-2000:]
   (fast, fast_flops, fast_xla_count), (xla, xla_flops, _) = [
-      line.split() for line in done.stdout.strip().splitlines()[-2:]]
+      line.split() for line in _python(script, timeout=300).strip().splitlines()[-2:]]
   assert (fast, xla) == ("onednn_winograd", "xla")
   assert float(fast_xla_count) < 0.2 * float(xla_flops)   # the custom calls uncounted
   assert abs(float(fast_flops) / float(xla_flops) - 1) < 0.03
