@@ -373,20 +373,16 @@ def test_conv_ops_times_onednns_algorithms_too(tmp_path):
   assert "onednn winograd:" in done.stdout
 
 
-def test_conv_ops_rejects_an_unknown_onednn_algorithm():
+@pytest.mark.parametrize("flag, message", [
+    ("--onednn=direct,fft", "--onednn takes distinct values"),   # an unknown algorithm
+    ("--preset=mnist_gpu", "--preset must be one of"),            # an unknown preset
+])
+def test_conv_ops_rejects_bad_flags(flag, message):
   done = subprocess.run(
-      [sys.executable, "-m", "benchmarks.conv_ops", "--onednn=direct,fft", "--json="],
+      [sys.executable, "-m", "benchmarks.conv_ops", flag, "--json="],
       cwd=_ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert done.returncode != 0
-  assert "--onednn takes distinct values" in done.stderr.strip().splitlines()[-1]
-
-
-def test_conv_ops_rejects_an_unknown_preset():
-  done = subprocess.run(
-      [sys.executable, "-m", "benchmarks.conv_ops", "--preset=mnist_gpu", "--json="],
-      cwd=_ROOT, capture_output=True, text=True, timeout=120, check=False)
-  assert done.returncode != 0
-  assert "--preset must be one of" in done.stderr.strip().splitlines()[-1]
+  assert message in done.stderr.strip().splitlines()[-1]
 
 
 def test_convdraw_noise_generators_draw_standard_normals():
