@@ -118,17 +118,24 @@ _CONVOLUTIONS = flags.DEFINE_list(
     "onednn_winograd). The first replaces the config's ('auto') in every section; in "
     "'compare', each further one is timed as one more JAX runner in the same rounds "
     "(e.g. 'auto,xla').")
+_VAE_CONVOLUTIONS = flags.DEFINE_list(
+    "vae_convolutions", [],
+    "The conv VAE's and VAE+NVP's convolutions (auto, xla, onednn), as "
+    "--convdraw_convolutions is ConvDraw's: the first replaces the config's ('auto'), "
+    "each further one is one more JAX runner in 'compare' (e.g. 'auto,xla').")
 
 
 def _convdraw_forms_are_known(_) -> bool:
-  from experiments.setup import CONVOLUTIONS  # noqa: PLC0415
+  from experiments.setup import MODEL_CONVOLUTIONS  # noqa: PLC0415
   from geco_jax.models.convdraw import RECURRENCES  # noqa: PLC0415
 
-  unknown = [c for c in _CONVOLUTIONS.value if c not in CONVOLUTIONS]
-  if unknown or len(set(_CONVOLUTIONS.value)) != len(_CONVOLUTIONS.value):
-    raise flags.ValidationError(
-        f"--convdraw_convolutions takes distinct values among {', '.join(CONVOLUTIONS)}; "
-        f"got {','.join(_CONVOLUTIONS.value)}.")
+  for flag, model in ((_CONVOLUTIONS, "convdraw"), (_VAE_CONVOLUTIONS, "conv_vae")):
+    allowed = MODEL_CONVOLUTIONS[model]
+    if (any(c not in allowed for c in flag.value)
+        or len(set(flag.value)) != len(flag.value)):
+      raise flags.ValidationError(
+          f"--{flag.name} takes distinct values among {', '.join(allowed)}; "
+          f"got {','.join(flag.value)}.")
   if _RECURRENCE.value is not None and _RECURRENCE.value not in RECURRENCES:
     raise flags.ValidationError(
         f"--convdraw_recurrence must be one of {', '.join(RECURRENCES)}; got "
@@ -137,7 +144,8 @@ def _convdraw_forms_are_known(_) -> bool:
 
 
 flags.register_multi_flags_validator(
-    ["convdraw_convolutions", "convdraw_recurrence"], _convdraw_forms_are_known)
+    ["convdraw_convolutions", "vae_convolutions", "convdraw_recurrence"],
+    _convdraw_forms_are_known)
 _DP_MODEL = flags.DEFINE_string("dp_model", "conv_vae", "Model of the data_parallel section.")
 _DP_DEVICES = flags.DEFINE_list("dp_devices", ["1", "2", "4", "8"], "Device counts.")
 _DP_CHILD = flags.DEFINE_bool("data_parallel_child", False,
@@ -179,11 +187,17 @@ def _config(name: str, batch_size: Optional[int] = None, objective: str = "geco"
   config.objective = objective
   if name == "convdraw" and _RECURRENCE.value:
     model_overrides.setdefault("recurrence", _RECURRENCE.value)
-  if name == "convdraw" and _CONVOLUTIONS.value:
-    model_overrides.setdefault("convolutions", _CONVOLUTIONS.value[0])
+  convolutions = _convolutions_flag(name).value
+  if convolutions:
+    model_overrides.setdefault("convolutions", convolutions[0])
   for key, value in model_overrides.items():
     config.model[key] = value
   return config
+
+
+def _convolutions_flag(name: str):
+  """The flag that sets model ``name``'s convolutions."""
+  return _CONVOLUTIONS if name == "convdraw" else _VAE_CONVOLUTIONS
 
 
 def _data(images) -> dict:
@@ -431,11 +445,10 @@ def compare(torch, images, devices, models) -> dict:
     jax_geco, jax_elbo = geco.runner("jax geco"), elbo.runner("jax elbo")
     lean = LeanJaxStep(config, images, devices) if _LEAN.value else None
     lean_runners = [lean.runner("jax lean")] if lean else []
-    variants = {}   # ConvDraw's further --convdraw_convolutions, each one more JAX runner
-    if name == "convdraw":
-      for convolutions in _CONVOLUTIONS.value[1:]:
-        variant = JaxStep(_config(name, convolutions=convolutions), images, devices)
-        variants[convolutions] = (variant, variant.runner(f"jax geco {convolutions}"))
+    variants = {}   # further --convdraw_convolutions (--vae_convolutions), one JAX runner each
+    for convolutions in _convolutions_flag(name).value[1:]:
+      variant = JaxStep(_config(name, convolutions=convolutions), images, devices)
+      variants[convolutions] = (variant, variant.runner(f"jax geco {convolutions}"))
     variant_runners = [runner for _, runner in variants.values()]
     torch_runners = []
     if torch is not None:
@@ -512,7 +525,7 @@ def compare(torch, images, devices, models) -> dict:
       if torch_runners:
         eager = max(torch_runners, key=lambda r: r.median)
         entry["ratio_torch_compiled_to_eager_best"] = _paired_ratio(best, eager)
-    if name == "convdraw":   # the config's value, and what it ran ('auto' resolved)
+    if "convolutions" in config.model:   # the config's value, and what it ran ('auto' resolved)
       entry["config_convolutions"] = config.model.get("convolutions", "xla")
       entry["convolutions"] = geco.experiment.model.convolutions
     if variants:
@@ -605,8 +618,8 @@ def data_parallel_child(images) -> dict:
   counts = [int(n) for n in _DP_DEVICES.value if int(n) <= len(jax.devices())]
   config = _config(_DP_MODEL.value)
   if config.model.get("convolutions") == "auto":
-    # ConvDraw's 'auto' picks oneDNN's convolutions on one device and XLA's on
-    # several: every row runs XLA's, so that the rows differ in the split alone.
+    # 'auto' picks oneDNN's convolutions on one device and XLA's on several:
+    # every row runs XLA's, so that the rows differ in the split alone.
     config.model.convolutions = "xla"
   steps = {n: JaxStep(config, images, jax.devices()[:n]) for n in counts}
   runners = [steps[n].runner(f"{n} devices") for n in counts]

@@ -146,10 +146,16 @@ class _ConvEncoderDecoder(nn.Module):
 
 
 class ConvVAE(_ConvEncoderDecoder):
-  """``geco_jax.models.ConvVAE``; ``forward(x, noise)`` -> (g(z), kl per example)."""
+  """``geco_jax.models.ConvVAE``; ``forward(x, noise)`` -> (g(z), kl per example).
+
+  ``convolutions`` is the Flax model's choice of who computes its convolutions;
+  accepted (so one config builds both) and meaningless here.
+  """
 
   def __init__(self, image_shape: Sequence[int] = (28, 28, 1), latent_size: int = 16,
-               channels: Sequence[int] = (32, 64), hidden_size: int = 256):
+               channels: Sequence[int] = (32, 64), hidden_size: int = 256,
+               convolutions: str = "xla"):
+    del convolutions
     super().__init__(image_shape, channels, hidden_size, latent_size)
     self.posterior = nn.Linear(hidden_size, 2 * latent_size)
 
@@ -311,12 +317,16 @@ class AffineCoupling(nn.Module):
 
 
 class VAENVP(_ConvEncoderDecoder):
-  """``geco_jax.models.VAENVP``; ``forward(x, eps)`` -> (g(z), one-sample KL)."""
+  """``geco_jax.models.VAENVP``; ``forward(x, eps)`` -> (g(z), one-sample KL).
+
+  ``convolutions``: accepted and meaningless, as in ``ConvVAE``.
+  """
 
   def __init__(self, image_shape: Sequence[int] = (28, 28, 1), latent_size: int = 16,
                num_couplings: int = 4, channels: Sequence[int] = (32, 64),
                hidden_size: int = 256, coupling_hidden_size: int = 128,
-               max_log_scale: float = 2.0):
+               max_log_scale: float = 2.0, convolutions: str = "xla"):
+    del convolutions
     super().__init__(image_shape, channels, hidden_size, latent_size)
     self.base = nn.Linear(hidden_size, 2 * latent_size)
     self.num_couplings = num_couplings

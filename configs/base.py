@@ -36,6 +36,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "conv_vae"
   config.model.preset = config_dict.placeholder(str)
+  # Who computes the convolutions: 'xla', oneDNN's ('onednn'; ConvDraw also
+  # 'onednn_winograd') or 'auto', which experiments.setup.make_model resolves
+  # with the model's choose_convolutions: oneDNN's on one CPU device where it is
+  # available (installed with geco-jax on x86-64 Linux, built with g++ at first
+  # use), XLA's everywhere else (accelerators, several devices, no oneDNN).
+  # Same parameters either way. On the project's 2-core CPU oneDNN's made the
+  # conv VAE's step 1.47x and VAE+NVP's 1.35x faster (docs/performance.md,
+  # lever 42), ConvDraw's 1.32-1.43x (lever 40).
+  config.model.convolutions = "auto"
 
   # "geco" (paper Algorithm 1), "elbo" (fixed or learned sigma) or
   # "elbo_annealed" (GQN: sigma annealed linearly, sigma_start -> sigma_end).

@@ -37,6 +37,7 @@ from geco_jax.models import ConvDraw
 from geco_jax.models import ConvVAE
 from geco_jax.models import VAENVP
 from geco_jax.models import VAEOutput
+from geco_jax.models import conv_vae as conv_vae_lib
 from geco_jax.models import convdraw as convdraw_lib
 from geco_jax.models import vae_nvp as vae_nvp_lib
 from geco_jax.ops import onednn
@@ -53,10 +54,20 @@ LABELLED_DATASETS = ("mnist", "fashion_mnist", "cifar10", "micro_mnist")
 MODEL_CLASSES = {"conv_vae": ConvVAE, "convdraw": ConvDraw,
                  "conditional_convdraw": ConditionalConvDraw, "vae_nvp": VAENVP}
 MODELS = tuple(MODEL_CLASSES)
-# ConvDraw's config.model.convolutions: the library's values, or 'auto', which
-# make_model resolves on the machine it runs on (convdraw.choose_convolutions:
-# 'onednn_winograd' on one CPU device where oneDNN is available, else 'xla').
+# config.model.convolutions: the model's library values, or 'auto', which
+# make_model resolves on the machine it runs on (the model's
+# choose_convolutions: oneDNN's on one CPU device where it is available, else
+# 'xla'). ConvDraw's: 'onednn_winograd'; the conv VAE's and VAE+NVP's: 'onednn'.
 CONVOLUTIONS = ("auto", *convdraw_lib.CONVOLUTIONS)
+MODEL_CONVOLUTIONS = {
+    "convdraw": CONVOLUTIONS, "conditional_convdraw": CONVOLUTIONS,
+    "conv_vae": ("auto", *conv_vae_lib.CONVOLUTIONS),
+    "vae_nvp": ("auto", *conv_vae_lib.CONVOLUTIONS)}
+_CHOOSE_CONVOLUTIONS = {
+    "convdraw": convdraw_lib.choose_convolutions,
+    "conditional_convdraw": convdraw_lib.choose_convolutions,
+    "conv_vae": conv_vae_lib.choose_convolutions,
+    "vae_nvp": conv_vae_lib.choose_convolutions}
 VAE_NVP_PRESETS = {"cpu": vae_nvp_lib.CPU_PRESET,
                    "accelerator": vae_nvp_lib.ACCELERATOR_PRESET,
                    "micro_mnist": vae_nvp_lib.MICRO_MNIST_PRESET}
@@ -208,9 +219,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   require(model.name in MODELS,
           f"config.model.name must be one of {MODELS}; got {model.name!r}.")
   model_kwargs(config, (28, 28, 1))  # names and presets; shapes in check_data
-  if model.name in ("convdraw", "conditional_convdraw") and "convolutions" in model:
-    require(model.convolutions in CONVOLUTIONS,
-            f"config.model.convolutions must be one of {CONVOLUTIONS}; "
+  if "convolutions" in model:
+    allowed = MODEL_CONVOLUTIONS[model.name]
+    require(model.convolutions in allowed,
+            f"config.model.convolutions must be one of {allowed} for {model.name}; "
             f"got {model.convolutions!r}.")
     if model.convolutions not in ("xla", "auto"):   # 'onednn', 'onednn_winograd'
       try:
@@ -514,12 +526,13 @@ def check_workdir_matches(config: ml_collections.ConfigDict, workdir) -> None:
 def make_model(config: ml_collections.ConfigDict, image_shape, num_devices=None):
   """The configured model (a Flax module) for images of ``image_shape``.
 
-  ConvDraw's ``convolutions='auto'`` becomes ``convdraw.choose_convolutions(num_devices)``
-  here (``num_devices``: those the step runs on, default all), and the choice is logged.
+  ``convolutions='auto'`` becomes the model's ``choose_convolutions(num_devices)``
+  here (``convdraw``'s or ``conv_vae``'s; ``num_devices``: those the step runs on,
+  default all), and the choice is logged.
   """
   kwargs = model_kwargs(config, image_shape)
   if kwargs.get("convolutions") == "auto":
-    kwargs["convolutions"], why = convdraw_lib.choose_convolutions(num_devices)
+    kwargs["convolutions"], why = _CHOOSE_CONVOLUTIONS[config.model.name](num_devices)
     logging.info("config.model.convolutions='auto': %r (%s).", kwargs["convolutions"], why)
   return MODEL_CLASSES[config.model.name](**kwargs)
 

@@ -230,28 +230,32 @@ def test_step_time_on_cuda_without_a_gpu_is_one_clear_error():
       "--torch_device=cuda, but torch sees no CUDA device.")
 
 
-def test_step_time_counts_the_flops_of_onednns_convolutions():
+@pytest.mark.parametrize("model, fast, uncounted", [
+    ("convdraw", "onednn_winograd", 0.2), ("conv_vae", "onednn", 0.5)])
+def test_step_time_counts_the_flops_of_onednns_convolutions(model, fast, uncounted):
   """XLA's cost analysis skips custom calls: a oneDNN step counts its XLA twin's FLOPs.
 
   ``xla_flops`` keeps XLA's own count (convdraw_parts compares its programs by it).
+  The config's 'auto' runs oneDNN's convolutions on one CPU device.
   """
   if not onednn.available()[0]:
     pytest.skip("oneDNN unavailable")
+  extra = ", num_steps=2" if model == "convdraw" else ""
   script = (
       "import jax, numpy as np; from absl import flags; from benchmarks import step_time\n"
       "flags.FLAGS(['x'])\n"
       "images = np.random.default_rng(0).random((8, 28, 28, 1), np.float32)\n"
-      "for conv in ('onednn_winograd', 'xla'):\n"
-      "  step = step_time.JaxStep(step_time._config('convdraw', batch_size=8, num_steps=2,"
+      "for conv in ('auto', 'xla'):\n"
+      f"  step = step_time.JaxStep(step_time._config({model!r}, batch_size=8{extra},"
       " convolutions=conv), images, jax.devices()[:1])\n"
       "  cost = step.compiled.cost_analysis()\n"
       "  cost = cost[0] if isinstance(cost, (list, tuple)) else cost\n"
       "  assert step.xla_flops == cost['flops']\n"
       "  print(step.experiment.model.convolutions, step.flops, step.xla_flops)\n")
-  (fast, fast_flops, fast_xla_count), (xla, xla_flops, _) = [
+  (chosen, fast_flops, fast_xla_count), (xla, xla_flops, _) = [
       line.split() for line in _python(script, timeout=300).strip().splitlines()[-2:]]
-  assert (fast, xla) == ("onednn_winograd", "xla")
-  assert float(fast_xla_count) < 0.2 * float(xla_flops)   # the custom calls uncounted
+  assert (chosen, xla) == (fast, "xla")
+  assert float(fast_xla_count) < uncounted * float(xla_flops)   # the custom calls uncounted
   assert abs(float(fast_flops) / float(xla_flops) - 1) < 0.03
 
 
@@ -259,6 +263,8 @@ def test_step_time_counts_the_flops_of_onednns_convolutions():
     ("--convdraw_convolutions=xla,onedn", "--convdraw_convolutions takes distinct values"),
     ("--convdraw_convolutions=xla,xla", "--convdraw_convolutions takes distinct values"),
     ("--convdraw_recurrence=rolled", "--convdraw_recurrence must be one of"),
+    ("--vae_convolutions=auto,onednn_winograd",
+     "--vae_convolutions takes distinct values among auto, xla, onednn"),
 ])
 def test_step_time_rejects_unknown_convdraw_forms_before_timing(flag, message):
   done = subprocess.run(

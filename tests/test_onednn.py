@@ -20,8 +20,12 @@ import numpy as np
 import pytest
 
 from configs import convdraw_mnist
+from configs import default as default_config
 from experiments import setup
 from geco_jax.models import ConvDraw
+from geco_jax.models import ConvVAE
+from geco_jax.models import VAENVP
+from geco_jax.models import conv_vae as conv_vae_lib
 from geco_jax.models import convdraw as convdraw_lib
 from geco_jax.models import convdraw_preset
 from geco_jax.ops import onednn
@@ -189,6 +193,84 @@ def test_bad_inputs_are_rejected(require_onednn):
     onednn.conv2d_same(x, w, "fft")
   with pytest.raises(ValueError, match="3x3 kernels; got 2x3"):
     onednn.conv2d_same(x, w[:2], "winograd")
+
+
+# conv2d: any strides and padding ------------------------------------------------
+
+def _xla_window_conv(x, w, strides, padding):
+  return jax.lax.conv_general_dilated(x, w, strides, padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# (batch, height, width, in, out, kh, kw), strides, padding: the conv VAE's
+# encoder convolutions (4x4, stride 2, pad 1; one input channel) and its
+# decoder's stride-1 2x2 windows with their padding; windows that do not fit
+# evenly (rows of x no output reads), asymmetric padding and strides, SAME at
+# stride 2, VALID, and odd batches that split unevenly over the pool.
+WINDOW_CASES = [
+    ((5, 28, 28, 1, 16, 4, 4), (2, 2), ((1, 1), (1, 1))),
+    ((7, 14, 14, 16, 32, 4, 4), (2, 2), ((1, 1), (1, 1))),
+    ((3, 7, 7, 32, 64, 2, 2), (1, 1), ((1, 1), (1, 1))),
+    ((3, 14, 14, 16, 4, 2, 2), (1, 1), ((1, 1), (1, 1))),
+    ((2, 9, 7, 3, 5, 3, 2), (2, 3), ((0, 2), (1, 0))),
+    ((3, 9, 8, 4, 6, 3, 3), (2, 2), "SAME"),
+    ((1, 6, 5, 2, 3, 3, 2), (1, 2), "VALID"),
+]
+
+
+@pytest.mark.parametrize("shape,strides,padding", WINDOW_CASES, ids=str)
+def test_conv2d_values_and_gradients_equal_xlas(require_onednn, shape, strides, padding):
+  x, w, _ = _arrays(shape)
+  results = []
+  for conv in (_xla_window_conv,
+               jax.jit(onednn.conv2d, static_argnums=(2, 3))):
+    y, vjp = jax.vjp(lambda x, w: conv(x, w, strides, padding), x, w)
+    dy = jax.random.normal(jax.random.PRNGKey(7), y.shape)
+    results.append((y, *vjp(dy)))
+  for name, a, b in zip(("value", "input gradient", "kernel gradient"), *results):
+    assert a.shape == b.shape and a.dtype == b.dtype, name
+    assert _rel(a, b) < 1e-5, name
+
+
+def test_conv2d_is_the_taps_sum_with_strides_and_padding(require_onednn):
+  """First principles, float64: y, dx and dw of a strided, padded window as sums over taps."""
+  (sh, sw), ((top, bottom), (left, right)) = (2, 3), ((0, 2), (1, 0))
+  x, w, _ = _arrays((2, 9, 7, 3, 5, 3, 2))
+  y, vjp = jax.vjp(lambda x, w: onednn.conv2d(x, w, (sh, sw), ((top, bottom), (left, right))),
+                   x, w)
+  oh, ow = (9 + top + bottom - 3) // sh + 1, (7 + left + right - 2) // sw + 1
+  assert y.shape == (2, oh, ow, 5)
+  dy = jax.random.normal(jax.random.PRNGKey(3), y.shape)
+  dx, dw = vjp(dy)
+  xp = np.pad(np.asarray(x, np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+  wf, g = np.asarray(w, np.float64), np.asarray(dy, np.float64)
+  want_y = np.zeros(y.shape)
+  want_dxp, want_dw = np.zeros(xp.shape), np.zeros(w.shape)
+  for i in range(3):
+    for j in range(2):
+      rows, cols = slice(i, i + sh * (oh - 1) + 1, sh), slice(j, j + sw * (ow - 1) + 1, sw)
+      want_y += xp[:, rows, cols] @ wf[i, j]
+      want_dw[i, j] = np.einsum("nhwc,nhwf->cf", xp[:, rows, cols], g)
+      want_dxp[:, rows, cols] += g @ wf[i, j].T
+  assert _rel(want_y, y) < 1e-5
+  assert _rel(want_dw, dw) < 1e-5
+  assert _rel(want_dxp[:, top:top + 9, left:left + 7], dx) < 1e-5
+
+
+def test_conv2d_bad_windows_are_rejected(require_onednn):
+  x, w, _ = _arrays((2, 4, 4, 3, 5, 3, 3))
+  with pytest.raises(ValueError, match="strides must be two positive ints"):
+    onednn.conv2d(x, w, (0, 1))
+  with pytest.raises(ValueError, match="padding must be 'SAME', 'VALID' or"):
+    onednn.conv2d(x, w, (1, 1), "FULL")
+  with pytest.raises(ValueError, match="padding must be 'SAME', 'VALID' or"):
+    onednn.conv2d(x, w, (1, 1), ((1, 1),))
+  with pytest.raises(ValueError, match="padding must be non-negative"):
+    onednn.conv2d(x, w, (1, 1), ((-1, 0), (0, 0)))
+  with pytest.raises(ValueError, match="does not fit in the 4 x 4 image"):
+    onednn.conv2d(x, jnp.zeros((5, 5, 3, 2)), (1, 1), "VALID")
+  with pytest.raises(ValueError, match="conv2d takes float32"):
+    onednn.conv2d(x.astype(jnp.float16), w.astype(jnp.float16))
 
 
 def test_missing_onednn_says_how_to_install(monkeypatch, tmp_path):
@@ -380,3 +462,80 @@ def test_build_ffi_library_caches_a_build_and_names_a_failed_one(tmp_path, monke
   with pytest.raises(onednn.OneDNNUnavailable, match="building broken.cc failed"):
     onednn.build_ffi_library(broken, "broken", [])
   assert not list((tmp_path / "cache").glob("broken-*"))   # nothing half-built is kept
+
+
+# The conv VAE and VAE+NVP -----------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [ConvVAE, VAENVP], ids=lambda c: c.__name__)
+def test_conv_vae_with_onednn_equals_xla(require_onednn, cls):
+  """Same parameters, same value and gradients (float rounding), and no XLA convolution left."""
+  x = jax.random.uniform(jax.random.PRNGKey(0), (3, 28, 28, 1))
+  rng = jax.random.PRNGKey(1)
+  extra = dict(coupling_hidden_size=16, num_couplings=2) if cls is VAENVP else {}
+  model = cls(channels=(8, 16), hidden_size=32, **extra)
+  fast = model.clone(convolutions="onednn")
+  params = model.init(jax.random.PRNGKey(2), x, rng)
+  fast_params = fast.init(jax.random.PRNGKey(2), x, rng)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), params, fast_params))
+
+  def loss(m):
+    def f(p):
+      out = m.apply(p, x, rng)
+      return jnp.mean(jnp.square(out.reconstruction - x)) + jnp.mean(out.kl)
+    return jax.jit(jax.value_and_grad(f))
+
+  (value, grads), (fast_value, fast_grads) = loss(model)(params), loss(fast)(params)
+  assert abs(float(value) - float(fast_value)) <= 1e-5 * abs(float(value))
+  # (The relus pass a gradient or not by the sign of a pre-activation: a value
+  # within rounding of zero could flip one; in these inputs none does.) Some
+  # of VAE+NVP's gradients are exactly zero at initialisation.
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(fast_grads)):
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * max(float(jnp.max(jnp.abs(a))), 1e-6)
+  program = loss(fast).lower(params).as_text()
+  assert program.count("GecoOnednnWindowConvForward") == 4
+  assert program.count("GecoOnednnWindowConvBackwardWeights") == 4
+  # The encoder's first convolution's input is the data: no data gradient.
+  assert program.count("GecoOnednnWindowConvBackwardData") == 3
+  assert "convolution" not in program.replace("Conv", "")
+
+
+def test_conv_vae_rejects_unknown_convolutions():
+  with pytest.raises(ValueError, match=r"ConvVAE: convolutions must be one of \('xla', 'onednn'\)"):
+    ConvVAE(convolutions="onednn_winograd").init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), jax.random.PRNGKey(1))
+
+
+def test_conv_vae_choose_convolutions(require_onednn, monkeypatch):
+  choice, why = conv_vae_lib.choose_convolutions(1)
+  assert choice == "onednn" and require_onednn in why
+  assert conv_vae_lib.choose_convolutions()[0] == "xla"   # tests/conftest.py: 8 host devices
+  monkeypatch.setattr(onednn, "available", lambda: (False, "no oneDNN in this test"))
+  assert conv_vae_lib.choose_convolutions(1) == (
+      "xla", "oneDNN's convolutions are unavailable here: no oneDNN in this test")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  choice, why = conv_vae_lib.choose_convolutions(1)
+  assert choice == "xla" and "'gpu'" in why
+
+
+def test_default_config_resolves_auto_per_model(require_onednn, caplog):
+  config = default_config.get_config()
+  assert config.model.convolutions == "auto"
+  caplog.set_level(logging.INFO)
+  assert setup.make_model(config, (28, 28, 1), num_devices=1).convolutions == "onednn"
+  assert "config.model.convolutions='auto': 'onednn'" in caplog.text
+  assert setup.make_model(config, (28, 28, 1)).convolutions == "xla"   # 8 host devices
+  config.model.name = "vae_nvp"
+  config.model.preset = "cpu"
+  config.model.channels = (8, 16)
+  config.model.hidden_size = 32
+  assert setup.make_model(config, (28, 28, 1), num_devices=1).convolutions == "onednn"
+
+
+def test_conv_vae_config_convolutions_are_validated():
+  config = default_config.get_config()
+  config.model.convolutions = "onednn_winograd"   # ConvDraw's only
+  with pytest.raises(setup.ConfigError, match=(
+      r"convolutions must be one of \('auto', 'xla', 'onednn'\) for conv_vae; "
+      r"got 'onednn_winograd'")):
+    setup.validate_config(config)

@@ -15,6 +15,14 @@ with a slow generic loop: measured, half the time of this model's training
 step (docs/performance.md). Its stride-1 convolution is
 ``geco_jax.ops.conv.valid_convolution``, whose kernel gradient XLA:CPU runs as
 matrix products: XLA's own form of it was a quarter of VAE+NVP's step.
+
+Convolutions (``convolutions``, ``CONVOLUTIONS``): ``'xla'`` (XLA's own,
+everywhere; the default) or ``'onednn'``: all four convolutions, with their
+gradients, by oneDNN on XLA:CPU's thread pool (``geco_jax.ops.onednn.conv2d``;
+one CPU device, float32), with the same parameters and values to float
+rounding. On the project's 2-core CPU the training step is faster with
+oneDNN's (docs/performance.md, lever 42); ``choose_convolutions()`` says which
+to use on this machine.
 """
 
 from __future__ import annotations
@@ -29,6 +37,57 @@ import numpy as np
 from geco_jax.models.common import VAEOutput
 from geco_jax.models.common import gaussian_kl
 from geco_jax.ops import conv
+from geco_jax.ops import onednn
+
+# Who computes the convolutions: XLA, or oneDNN (geco_jax.ops.onednn).
+CONVOLUTIONS = ("xla", "onednn")
+
+
+def choose_convolutions(num_devices: int | None = None) -> tuple[str, str]:
+  """The ``convolutions`` value for this machine, and why: what ``'auto'`` means.
+
+  ``'onednn'`` where ``onednn.usable_for_step(num_devices)``: the CPU backend,
+  one device (``num_devices``, default ``jax.device_count()``) and oneDNN
+  available (its handlers are built on the first call, then cached);
+  ``'xla'`` otherwise: on an accelerator, over several devices (XLA does not
+  partition oneDNN's calls) or without oneDNN or a compiler. Both compute
+  the same function from the same parameters (to float rounding), so a
+  checkpoint trained with one resumes with the other.
+
+  Why: on the project's 2-core CPU the conv VAE's training step ran 1.47x and
+  VAE+NVP's 1.35x faster with 'onednn' than with 'xla' (docs/performance.md,
+  lever 42).
+  """
+  ok, why = onednn.usable_for_step(num_devices)
+  return ("onednn" if ok else "xla"), why
+
+
+def _check_convolutions(owner, convolutions: str) -> None:
+  if convolutions not in CONVOLUTIONS:
+    raise ValueError(f"{type(owner).__name__}: convolutions must be one of {CONVOLUTIONS}; "
+                     f"got {convolutions!r}.")
+  if convolutions == "onednn":
+    onednn.require()
+
+
+def _onednn_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                                 rhs_dilation=None, dimension_numbers=None,
+                                 feature_group_count=1, precision=None, **unused):
+  """``lax.conv_general_dilated`` as ``nn.Conv`` calls it, by ``onednn.conv2d``.
+
+  Takes what ``ConvEncoderDecoder``'s convolutions use (NHWC, HWIO, no
+  dilation, one group) and refuses the rest.
+  """
+  del precision   # float32 throughout
+  expected = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+  if (any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ()))
+      or feature_group_count != 1 or unused.get("batch_group_count", 1) != 1
+      or (dimension_numbers is not None
+          and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+          != expected)):
+    raise ValueError("convolutions='onednn' takes undilated, ungrouped NHWC x HWIO "
+                     "convolutions only.")
+  return onednn.conv2d(lhs, rhs, window_strides, padding)
 
 
 def _subpixel_taps(kernel_size: int, stride: int):
@@ -88,11 +147,15 @@ class SubpixelConvTranspose(nn.Module):
     features: output channels.
     kernel_size: side of the square kernel.
     stride: the upsampling factor.
+    convolutions: who computes the stride-1 convolution (``CONVOLUTIONS``):
+      XLA (``valid_convolution``, the input padded first) or oneDNN
+      (``onednn.conv2d``, the padding its own).
   """
 
   features: int
   kernel_size: int
   stride: int
+  convolutions: str = "xla"
 
   @nn.compact
   def __call__(self, x):
@@ -107,11 +170,14 @@ class SubpixelConvTranspose(nn.Module):
     phases = padded[index[:, None, :, None], index[None, :, None, :]]  # [u, u, s, s, in, out]
     phases = phases.transpose(0, 1, 4, 2, 3, 5).reshape(window, window, channels,
                                                         s * s * features)
-    # Padded here, convolved VALID: with the padding inside the convolution,
-    # XLA:CPU computes this kernel gradient with a slow generic loop (measured 3x).
-    x = jnp.pad(x, ((0, 0), padding, padding, (0, 0)))
-    # XLA's convolution; its kernel gradient as dots on the CPU (lever 34).
-    z = conv.valid_convolution(x, phases)
+    if self.convolutions == "onednn":
+      z = onednn.conv2d(x, phases, (1, 1), (padding, padding))
+    else:
+      # Padded here, convolved VALID: with the padding inside the convolution,
+      # XLA:CPU computes this kernel gradient with a slow generic loop (measured 3x).
+      x = jnp.pad(x, ((0, 0), padding, padding, (0, 0)))
+      # XLA's convolution; its kernel gradient as dots on the CPU (lever 34).
+      z = conv.valid_convolution(x, phases)
     z = z.reshape(*z.shape[:3], s, s, features)
     if len(set(start)) == 1:
       a = start[0]
@@ -137,7 +203,8 @@ class ConvEncoderDecoder(nn.Module):
   ``dec_conv2`` at the top of the model's tree.
 
   A base class without fields: subclasses declare ``image_shape`` (sides
-  divisible by 4), ``channels`` (two) and ``hidden_size``, and call
+  divisible by 4), ``channels`` (two), ``hidden_size`` and ``convolutions``
+  (``CONVOLUTIONS``: who computes the four convolutions), and call
   ``setup_encoder_decoder()`` in their ``setup``.
   """
 
@@ -146,17 +213,20 @@ class ConvEncoderDecoder(nn.Module):
     if height % 4 or width % 4:
       raise ValueError(f"{type(self).__name__} needs image sides divisible by 4; "
                        f"got {tuple(self.image_shape)}.")
+    _check_convolutions(self, self.convolutions)
+    onednn_convs = self.convolutions == "onednn"
+    extra = {"conv_general_dilated": _onednn_conv_general_dilated} if onednn_convs else {}
     c1, c2 = self.channels
     self.encoder_convs = [
-        nn.Conv(c1, (4, 4), strides=(2, 2), name="enc_conv1"),
-        nn.Conv(c2, (4, 4), strides=(2, 2), name="enc_conv2"),
+        nn.Conv(c1, (4, 4), strides=(2, 2), name="enc_conv1", **extra),
+        nn.Conv(c2, (4, 4), strides=(2, 2), name="enc_conv2", **extra),
     ]
     self.encoder_dense = nn.Dense(self.hidden_size, name="enc_dense")
     self.decoder_dense = nn.Dense(self.hidden_size, name="dec_dense")
     self.decoder_grid = nn.Dense((height // 4) * (width // 4) * c2, name="dec_grid")
     self.decoder_convs = [
-        SubpixelConvTranspose(c1, 4, 2, name="dec_conv1"),
-        SubpixelConvTranspose(self.image_shape[2], 4, 2, name="dec_conv2"),
+        SubpixelConvTranspose(c1, 4, 2, self.convolutions, name="dec_conv1"),
+        SubpixelConvTranspose(self.image_shape[2], 4, 2, self.convolutions, name="dec_conv2"),
     ]
 
   def encoder_features(self, x):
@@ -184,12 +254,15 @@ class ConvVAE(ConvEncoderDecoder):
     latent_size: dimension of z.
     channels: channels of the two convolutions (the decoder mirrors them).
     hidden_size: width of the dense layer on each side.
+    convolutions: who computes the convolutions (``CONVOLUTIONS``): XLA, or
+      oneDNN on XLA:CPU's thread pool (one CPU device; ``choose_convolutions``).
   """
 
   image_shape: Sequence[int] = (28, 28, 1)
   latent_size: int = 16
   channels: Sequence[int] = (32, 64)
   hidden_size: int = 256
+  convolutions: str = "xla"
 
   def setup(self):
     self.setup_encoder_decoder()

@@ -151,17 +151,8 @@ def choose_convolutions(num_devices: int | None = None) -> tuple[str, str]:
   Args:
     num_devices: devices the step is split over (default: ``jax.device_count()``).
   """
-  backend = jax.default_backend()
-  if backend != "cpu":
-    return "xla", f"JAX's default backend is {backend!r}: oneDNN's convolutions run on the CPU only"
-  num_devices = jax.device_count() if num_devices is None else num_devices
-  if num_devices != 1:
-    return "xla", (f"the step runs on {num_devices} devices, over which XLA does not "
-                   "split oneDNN's calls")
-  ok, why = onednn.available()
-  if not ok:
-    return "xla", f"oneDNN's convolutions are unavailable here: {why}"
-  return "onednn_winograd", f"the CPU backend, one device, {why}"
+  ok, why = onednn.usable_for_step(num_devices)
+  return ("onednn_winograd" if ok else "xla"), why
 
 PRESETS: dict[str, dict[str, Any]] = {
     # 3x3 kernels on the CPU: 5x5 has 2.8x the FLOPs and measured about half

@@ -177,6 +177,9 @@ class VAENVP(ConvEncoderDecoder):
       features h(x) that condition the couplings.
     coupling_hidden_size: width of the hidden layers of each coupling's MLP.
     max_log_scale: B, the bound on each coupling's log-scale |s|.
+    convolutions: who computes the convolutions (``conv_vae.CONVOLUTIONS``):
+      XLA, or oneDNN on XLA:CPU's thread pool (one CPU device;
+      ``conv_vae.choose_convolutions``).
   """
 
   image_shape: Sequence[int] = (28, 28, 1)
@@ -186,6 +189,7 @@ class VAENVP(ConvEncoderDecoder):
   hidden_size: int = 256
   coupling_hidden_size: int = 128
   max_log_scale: float = 2.0
+  convolutions: str = "xla"
 
   def setup(self):
     if self.latent_size < 2:

@@ -3,9 +3,12 @@
 // Built at first use by geco_jax/ops/onednn.py (g++, C++17) against jaxlib's FFI
 // headers and an OpenMP build of oneDNN (PyPI: onednn-cpu-gomp, onednn-devel-cpu-gomp).
 //
-// Convolution: x [n, h, w, c] (NHWC) with kernel [kh, kw, c, f] (HWIO), stride 1,
-// SAME padding (low (k - 1) / 2, high k / 2 per side, as XLA pads), float32.
-// Three handlers: forward (y = x * w), backward data (dx from dy and w) and
+// Convolution: x [n, h, w, c] (NHWC) with kernel [kh, kw, c, f] (HWIO) to
+// y [n, oh, ow, f], float32. Three handlers without attributes: stride 1, SAME
+// padding (low (k - 1) / 2, high k / 2 per side, as XLA pads). Three more take the
+// strides and the padding as attributes (stride_h, stride_w, pad_top, pad_bottom,
+// pad_left, pad_right): oh = (h + pad_top + pad_bottom - kh) / stride_h + 1, and so
+// for ow. Each set: forward (y = x * w), backward data (dx from dy and w) and
 // backward weights (dw from x and dy).
 //
 // Why this shape (docs/performance.md, levers 31 and 32): oneDNN run with its own
@@ -64,16 +67,32 @@ void OneOpenMPThread() {
   }
 }
 
+// The window: strides and padding (low and high, per spatial axis).
+struct Window {
+  int64_t sh = 1, sw = 1, pt = 0, pb = 0, pl = 0, pr = 0;
+  auto tie() const { return std::tie(sh, sw, pt, pb, pl, pr); }
+};
+
 struct Shape {
   int64_t n, h, w, c, f, kh, kw;
+  Window win;
+  int64_t oh() const { return (h + win.pt + win.pb - kh) / win.sh + 1; }
+  int64_t ow() const { return (w + win.pl + win.pr - kw) / win.sw + 1; }
 };
+
+// XLA's SAME padding at stride 1.
+Window Same(int64_t kh, int64_t kw) {
+  return Window{1, 1, (kh - 1) / 2, kh / 2, (kw - 1) / 2, kw / 2};
+}
 
 struct Key {
   int op;
   int64_t n, h, w, c, f, kh, kw, layout_of;  // layout_of: 0, or the batch whose weights layout is imposed
+  Window win;
   bool operator<(const Key& o) const {
-    return std::tie(op, n, h, w, c, f, kh, kw, layout_of) <
-           std::tie(o.op, o.n, o.h, o.w, o.c, o.f, o.kh, o.kw, o.layout_of);
+    return std::tuple_cat(std::tie(op, n, h, w, c, f, kh, kw, layout_of), win.tie()) <
+           std::tuple_cat(std::tie(o.op, o.n, o.h, o.w, o.c, o.f, o.kh, o.kw, o.layout_of),
+                          o.win.tie());
   }
 };
 
@@ -93,7 +112,7 @@ std::map<Key, std::shared_ptr<Primitive>> cache;
 std::shared_ptr<Primitive> GetPrimitive(Op op, const Shape& s, int64_t n,
                                         const std::shared_ptr<Primitive>& weights_layout,
                                         int64_t layout_of) {
-  Key key{op, n, s.h, s.w, s.c, s.f, s.kh, s.kw, weights_layout ? layout_of : 0};
+  Key key{op, n, s.h, s.w, s.c, s.f, s.kh, s.kw, weights_layout ? layout_of : 0, s.win};
   std::lock_guard<std::mutex> lock(cache_mutex);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
@@ -101,10 +120,11 @@ std::shared_ptr<Primitive> GetPrimitive(Op op, const Shape& s, int64_t n,
   auto& engine = Engine();
   memory::desc user_weights({s.f, s.c, s.kh, s.kw}, dt::f32, tag::hwio);
   memory::desc src({n, s.c, s.h, s.w}, dt::f32, tag::nhwc);
-  memory::desc dst({n, s.f, s.h, s.w}, dt::f32, tag::nhwc);
+  memory::desc dst({n, s.f, s.oh(), s.ow()}, dt::f32, tag::nhwc);
   memory::desc weights = weights_layout ? weights_layout->weights
                                         : memory::desc({s.f, s.c, s.kh, s.kw}, dt::f32, tag::any);
-  memory::dims strides{1, 1}, pad_low{(s.kh - 1) / 2, (s.kw - 1) / 2}, pad_high{s.kh / 2, s.kw / 2};
+  memory::dims strides{s.win.sh, s.win.sw}, pad_low{s.win.pt, s.win.pl},
+      pad_high{s.win.pb, s.win.pr};
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto forward = dnnl::convolution_forward::primitive_desc(
@@ -207,20 +227,20 @@ void RunChunk(Call& call, int64_t i) {
   thread_local std::vector<char> scratch;
   if (scratch.size() < p->scratchpad.get_size()) scratch.resize(p->scratchpad.get_size());
   memory scratchpad(p->scratchpad, engine, scratch.data());
-  int64_t pixels = s.h * s.w;
+  int64_t pixels = s.h * s.w, out_pixels = s.oh() * s.ow();
   if (call.op == kForward) {
     memory x(p->src, engine, const_cast<float*>(call.a) + start * pixels * s.c);
-    memory y(p->dst, engine, call.out + start * pixels * s.f);
+    memory y(p->dst, engine, call.out + start * out_pixels * s.f);
     p->primitive.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, call.weights},
                                   {DNNL_ARG_DST, y}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
   } else if (call.op == kBackwardData) {
-    memory dy(p->dst, engine, const_cast<float*>(call.a) + start * pixels * s.f);
+    memory dy(p->dst, engine, const_cast<float*>(call.a) + start * out_pixels * s.f);
     memory dx(p->src, engine, call.out + start * pixels * s.c);
     p->primitive.execute(stream, {{DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_WEIGHTS, call.weights},
                                   {DNNL_ARG_DIFF_SRC, dx}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
   } else {
     memory x(p->src, engine, const_cast<float*>(call.a) + start * pixels * s.c);
-    memory dy(p->dst, engine, const_cast<float*>(call.b) + start * pixels * s.f);
+    memory dy(p->dst, engine, const_cast<float*>(call.b) + start * out_pixels * s.f);
     memory dw(p->weights, engine, call.partial[i].data());
     p->primitive.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, dy},
                                   {DNNL_ARG_DIFF_WEIGHTS, dw}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
@@ -257,14 +277,29 @@ void Finish(Call& call) {
   }
 }
 
+// `win` null: stride 1, SAME.
 ffi::Future Convolve(Op op, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
-                     ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> out) {
+                     ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> out,
+                     const Window* win = nullptr) {
   auto call = std::make_shared<Call>();
   ffi::Future future(call->promise);
-  auto ad = a.dimensions();
+  // x's dimensions: a's, except in backward data (a is dy), where they are the result's.
+  auto xd = op == kBackwardData ? out->dimensions() : a.dimensions();
   auto kernel = op == kBackwardWeights ? out->dimensions() : b.dimensions();
   call->op = op;
-  call->s = Shape{ad[0], ad[1], ad[2], kernel[2], kernel[3], kernel[0], kernel[1]};
+  call->s = Shape{xd[0], xd[1], xd[2], kernel[2], kernel[3], kernel[0], kernel[1],
+                  win ? *win : Same(kernel[0], kernel[1])};
+  // The other operand's spatial size must be the window's output (the caller checks;
+  // a mismatch here would read or write out of bounds).
+  auto yd = op == kForward ? out->dimensions() : (op == kBackwardData ? a.dimensions()
+                                                                       : b.dimensions());
+  if (call->s.win.sh < 1 || call->s.win.sw < 1 || yd[1] != call->s.oh() ||
+      yd[2] != call->s.ow() || yd[0] != xd[0]) {
+    call->promise.SetError(ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                                      "oneDNN convolution: the output's shape does not match "
+                                      "the input's, the kernel's and the window's"));
+    return future;
+  }
   call->chunks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), call->s.n));
   call->a = a.typed_data();
   call->b = b.typed_data();
@@ -306,6 +341,30 @@ ffi::Future BackwardData(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Bu
 ffi::Future BackwardWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                             ffi::ResultBuffer<ffi::F32> dw) {
   return Convolve(kBackwardWeights, pool, x, dy, dw);
+}
+
+// The same with the strides and padding as attributes.
+#define GECO_WINDOW_PARAMS                                                          \
+  int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom, int64_t pad_left, \
+      int64_t pad_right
+#define GECO_WINDOW Window{stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right}
+
+ffi::Future WindowForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                          ffi::ResultBuffer<ffi::F32> y, GECO_WINDOW_PARAMS) {
+  Window win = GECO_WINDOW;
+  return Convolve(kForward, pool, x, w, y, &win);
+}
+ffi::Future WindowBackwardData(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
+                               ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
+                               GECO_WINDOW_PARAMS) {
+  Window win = GECO_WINDOW;
+  return Convolve(kBackwardData, pool, dy, w, dx, &win);
+}
+ffi::Future WindowBackwardWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                  ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
+                                  GECO_WINDOW_PARAMS) {
+  Window win = GECO_WINDOW;
+  return Convolve(kBackwardWeights, pool, x, dy, dw, &win);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -622,6 +681,16 @@ ffi::Future WinogradBackwardWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GecoOnednnConvForward, Forward, GECO_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GecoOnednnConvBackwardData, BackwardData, GECO_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GecoOnednnConvBackwardWeights, BackwardWeights, GECO_CONV_BINDING);
+
+#define GECO_WINDOW_BINDING                                                               \
+  GECO_CONV_BINDING.Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>(   \
+      "pad_top").Attr<int64_t>("pad_bottom").Attr<int64_t>("pad_left").Attr<int64_t>("pad_right")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GecoOnednnWindowConvForward, WindowForward, GECO_WINDOW_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GecoOnednnWindowConvBackwardData, WindowBackwardData,
+                              GECO_WINDOW_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GecoOnednnWindowConvBackwardWeights, WindowBackwardWeights,
+                              GECO_WINDOW_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GecoWinogradConvForward, WinogradForward, GECO_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GecoWinogradConvBackwardData, WinogradBackwardData, GECO_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GecoWinogradConvBackwardWeights, WinogradBackwardWeights, GECO_CONV_BINDING);
