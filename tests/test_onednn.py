@@ -297,6 +297,25 @@ def test_the_build_is_cached(require_onednn):
 # ConvDraw --------------------------------------------------------------------
 
 
+def _assert_same_loss_and_gradients(model, fast, params, x, rng):
+  """``fast`` (oneDNN's convolutions) gives ``model``'s loss and gradients to float rounding.
+
+  Returns the lowered text of ``fast``'s jitted loss and gradient, to check who computes what.
+  Some gradients are exactly zero at initialisation (VAE+NVP's), hence the floor.
+  """
+  def loss(m):
+    def f(p):
+      out = m.apply(p, x, rng)
+      return jnp.mean(jnp.square(out.reconstruction - x)) + jnp.mean(out.kl)
+    return jax.jit(jax.value_and_grad(f))
+
+  (value, grads), (fast_value, fast_grads) = loss(model)(params), loss(fast)(params)
+  assert abs(float(value) - float(fast_value)) <= 1e-5 * abs(float(value))
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(fast_grads)):
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * max(float(jnp.max(jnp.abs(a))), 1e-6)
+  return loss(fast).lower(params).as_text()
+
+
 @pytest.mark.parametrize("recurrence,convolutions", [
     ("unrolled", "onednn"), ("unrolled", "onednn_winograd"),
     pytest.param("scan", "onednn", marks=pytest.mark.slow)])
@@ -309,20 +328,9 @@ def test_convdraw_with_onednn_equals_xla(require_onednn, recurrence, convolution
   params = model.init(jax.random.PRNGKey(2), x, rng)
   fast = model.clone(convolutions=convolutions)
   assert jax.tree.structure(fast.init(jax.random.PRNGKey(2), x, rng)) == jax.tree.structure(params)
-
-  def loss(m):
-    def f(p):
-      out = m.apply(p, x, rng)
-      return jnp.mean(jnp.square(out.reconstruction - x)) + jnp.mean(out.kl)
-    return jax.jit(jax.value_and_grad(f))
-
-  (value, grads), (fast_value, fast_grads) = loss(model)(params), loss(fast)(params)
-  assert abs(float(value) - float(fast_value)) <= 1e-5 * abs(float(value))
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(fast_grads)):
-    assert _rel(a, b) < 1e-4
+  program = _assert_same_loss_and_gradients(model, fast, params, x, rng)
   # Who computes what: with 'onednn_winograd' the gates (3x3, 128 features) are
   # Winograd's and the prior and posterior (16 features) oneDNN's direct ones.
-  program = loss(fast).lower(params).as_text()
   assert ("GecoWinogradConvForward" in program) == (convolutions == "onednn_winograd")
   assert "GecoOnednnConvForward" in program
 
@@ -347,21 +355,28 @@ def test_config_convolutions_are_validated(monkeypatch, tmp_path):
     setup.validate_config(config)
 
 
-def test_choose_convolutions_picks_winograd_on_one_cpu_device(require_onednn):
-  choice, why = convdraw_lib.choose_convolutions(1)
-  assert choice == "onednn_winograd" and choice in convdraw_lib.CONVOLUTIONS
+# Each model's choice: ConvDraw's Winograd gates, the conv VAE's (and VAE+NVP's) direct ones.
+CHOOSERS = [(convdraw_lib, "onednn_winograd"), (conv_vae_lib, "onednn")]
+
+
+@pytest.mark.parametrize("lib,fast", CHOOSERS, ids=["convdraw", "conv_vae"])
+def test_choose_convolutions_picks_onednn_on_one_cpu_device(require_onednn, lib, fast):
+  choice, why = lib.choose_convolutions(1)
+  assert choice == fast and choice in lib.CONVOLUTIONS
   assert require_onednn in why   # oneDNN's version
 
 
-def test_choose_convolutions_falls_back_to_xla(monkeypatch):
-  choice, why = convdraw_lib.choose_convolutions()   # tests/conftest.py: 8 host devices
+@pytest.mark.parametrize("lib,fast", CHOOSERS, ids=["convdraw", "conv_vae"])
+def test_choose_convolutions_falls_back_to_xla(monkeypatch, lib, fast):
+  del fast
+  choice, why = lib.choose_convolutions()   # tests/conftest.py: 8 host devices
   assert choice == "xla" and "on 8 devices" in why
-  assert convdraw_lib.choose_convolutions(2)[0] == "xla"
+  assert lib.choose_convolutions(2)[0] == "xla"
   monkeypatch.setattr(onednn, "available", lambda: (False, "no oneDNN in this test"))
-  assert convdraw_lib.choose_convolutions(1) == (
+  assert lib.choose_convolutions(1) == (
       "xla", "oneDNN's convolutions are unavailable here: no oneDNN in this test")
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  choice, why = convdraw_lib.choose_convolutions(1)
+  choice, why = lib.choose_convolutions(1)
   assert choice == "xla" and "'gpu'" in why
 
 
@@ -478,21 +493,9 @@ def test_conv_vae_with_onednn_equals_xla(require_onednn, cls):
   params = model.init(jax.random.PRNGKey(2), x, rng)
   fast_params = fast.init(jax.random.PRNGKey(2), x, rng)
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), params, fast_params))
-
-  def loss(m):
-    def f(p):
-      out = m.apply(p, x, rng)
-      return jnp.mean(jnp.square(out.reconstruction - x)) + jnp.mean(out.kl)
-    return jax.jit(jax.value_and_grad(f))
-
-  (value, grads), (fast_value, fast_grads) = loss(model)(params), loss(fast)(params)
-  assert abs(float(value) - float(fast_value)) <= 1e-5 * abs(float(value))
   # (The relus pass a gradient or not by the sign of a pre-activation: a value
-  # within rounding of zero could flip one; in these inputs none does.) Some
-  # of VAE+NVP's gradients are exactly zero at initialisation.
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(fast_grads)):
-    assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * max(float(jnp.max(jnp.abs(a))), 1e-6)
-  program = loss(fast).lower(params).as_text()
+  # within rounding of zero could flip one; in these inputs none does.)
+  program = _assert_same_loss_and_gradients(model, fast, params, x, rng)
   assert program.count("GecoOnednnWindowConvForward") == 4
   assert program.count("GecoOnednnWindowConvBackwardWeights") == 4
   # The encoder's first convolution's input is the data: no data gradient.
@@ -504,18 +507,6 @@ def test_conv_vae_rejects_unknown_convolutions():
   with pytest.raises(ValueError, match=r"ConvVAE: convolutions must be one of \('xla', 'onednn'\)"):
     ConvVAE(convolutions="onednn_winograd").init(
         jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), jax.random.PRNGKey(1))
-
-
-def test_conv_vae_choose_convolutions(require_onednn, monkeypatch):
-  choice, why = conv_vae_lib.choose_convolutions(1)
-  assert choice == "onednn" and require_onednn in why
-  assert conv_vae_lib.choose_convolutions()[0] == "xla"   # tests/conftest.py: 8 host devices
-  monkeypatch.setattr(onednn, "available", lambda: (False, "no oneDNN in this test"))
-  assert conv_vae_lib.choose_convolutions(1) == (
-      "xla", "oneDNN's convolutions are unavailable here: no oneDNN in this test")
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  choice, why = conv_vae_lib.choose_convolutions(1)
-  assert choice == "xla" and "'gpu'" in why
 
 
 def test_default_config_resolves_auto_per_model(require_onednn, caplog):
