@@ -81,9 +81,10 @@ def convdraw(dataset: str, preset_family: str, arg=None, *, source: str = "npz",
   # Winograd's F(2x2, 3x3) with oneDNN's sgemm, the others by oneDNN's direct
   # ones, on XLA:CPU's pool; everywhere else (accelerators, several devices,
   # no oneDNN) XLA's own, 'xla'. On the project's CPU the step ran at
-  # 1.01-1.16 of its PyTorch twin's with 'onednn_winograd' against 0.93-0.97
-  # with 'xla' (docs/performance.md, levers 32 and 38). Same parameters
-  # either way: set 'xla' to pin XLA's.
+  # 1.23-1.25 of its PyTorch twin's with 'onednn_winograd' against 0.86-0.93
+  # with 'xla' (docs/performance.md, levers 38-40). Same parameters either
+  # way: set 'xla' to pin XLA's. (configs/base.py sets 'auto' for every model;
+  # it is repeated here because ConvDraw's meaning of it differs.)
   config.model.convolutions = "auto"
   config.xla_flags = CONVDRAW_CPU_XLA_FLAGS
   return add_re(config, tolerance)
