@@ -18,7 +18,11 @@ same program, shows the method's noise floor.
 A variant is ``name:option=value,option=value`` (``--variant``, repeated; the
 options are XLA's ``DebugOptions`` by name, as in ``$XLA_FLAGS`` without the
 dashes; ``true``/``false`` and integers are read as such, anything else, e.g. an
-enum's ``CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED``, as a string). Every variant's
+enum's ``CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED``, as a string; a list option's
+items are joined by ``+``, e.g. ``xla_cpu_experimental_ynn_fusion_type=
+LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT+LIBRARY_FUSION_TYPE_REDUCE``, and an empty
+value clears it: ``xla_cpu_experimental_ynn_fusion_type=`` keeps YNNPACK out
+of the program). Every variant's
 options are checked by compiling a small function with them before any step
 is compiled: an unknown option or value is one line and exit status 2.
 
@@ -98,9 +102,11 @@ def parse_variants(specs: list[str]) -> dict[str, dict]:
     parsed = {}
     for item in options.split(","):
       key, eq, value = item.partition("=")
-      if not eq or not key.strip() or not value.strip():
+      if not eq or not key.strip():
         raise ValueError(f"--variant {name!r}: {item!r} is not option=value.")
-      parsed[key.strip().lstrip("-")] = _value(value.strip())
+      # A list option's items are joined by '+' here (',' separates options):
+      # XLA reads them comma-separated. An empty value clears a list option.
+      parsed[key.strip().lstrip("-")] = _value(value.strip().replace("+", ","))
     variants[name] = parsed
   return variants
 

@@ -446,11 +446,14 @@ def test_xla_options_reads_its_variants():
 
   variants = xla_options.parse_variants(
       ["a:xla_cpu_ftz=true,--xla_cpu_parallel_codegen_split_count=4",
-       "b: xla_cpu_scheduler_type = CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"])
+       "b: xla_cpu_scheduler_type = CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+       "c:xla_cpu_experimental_ynn_fusion_type=A+B", "d:xla_cpu_experimental_ynn_fusion_type="])
   assert variants == {
       "base": {}, "base2": {},
       "a": {"xla_cpu_ftz": True, "xla_cpu_parallel_codegen_split_count": 4},
-      "b": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
+      "b": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
+      "c": {"xla_cpu_experimental_ynn_fusion_type": "A,B"},   # a list option's items
+      "d": {"xla_cpu_experimental_ynn_fusion_type": ""}}      # a list option cleared
   for bad, message in [("a", "name:option=value"), ("a:", "name:option=value"),
                        (":x=1", "name:option=value"), ("a:x", "is not option=value"),
                        ("a:x=1,y", "is not option=value"), ("base:x=1", "distinct")]:
@@ -468,6 +471,10 @@ def test_xla_options_checks_every_option_with_xla():
     xla_options.check_options({"bogus": {"xla_cpu_no_such_option": True}})
   with pytest.raises(ValueError, match="'enum'.*not a valid enum value"):
     xla_options.check_options({"enum": {"xla_cpu_scheduler_type": "FASTEST"}})
+  # A list of enums, and the empty list (YNNPACK kept out of the program).
+  xla_options.check_options({"list": {"xla_cpu_experimental_ynn_fusion_type":
+                                      "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"},
+                             "empty": {"xla_cpu_experimental_ynn_fusion_type": ""}})
 
 
 def test_xla_options_cli_refuses_an_unknown_option_before_compiling():
