@@ -273,6 +273,16 @@ def test_conv2d_bad_windows_are_rejected(require_onednn):
     onednn.conv2d(x.astype(jnp.float16), w.astype(jnp.float16))
 
 
+def test_handlers_refuse_shapes_that_do_not_match_the_window(require_onednn):
+  """A result or operand of the wrong shape is an error, not a read or write out of bounds."""
+  x, w, _ = _arrays((2, 8, 8, 3, 5, 3, 3))
+  attributes = onednn._window_attributes(((2, 2), ((1, 1), (1, 1))))
+  for shape in [(2, 8, 8, 5), (2, 4, 4, 6), (3, 4, 4, 5)]:   # stride 1's; channels; batch
+    with pytest.raises(Exception, match="does not match"):
+      jax.block_until_ready(onednn._ffi("window", "forward", shape, x, w, **attributes))
+  assert onednn._ffi("window", "forward", (2, 4, 4, 5), x, w, **attributes).shape == (2, 4, 4, 5)
+
+
 def test_missing_onednn_says_how_to_install(monkeypatch, tmp_path):
   monkeypatch.setenv("GECO_ONEDNN_ROOT", str(tmp_path))
   with pytest.raises(onednn.OneDNNUnavailable, match=r"not found under .*\[onednn\]"):

@@ -294,7 +294,7 @@ ffi::Future Convolve(Op op, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   auto yd = op == kForward ? out->dimensions() : (op == kBackwardData ? a.dimensions()
                                                                        : b.dimensions());
   if (call->s.win.sh < 1 || call->s.win.sw < 1 || yd[1] != call->s.oh() ||
-      yd[2] != call->s.ow() || yd[0] != xd[0]) {
+      yd[2] != call->s.ow() || yd[0] != xd[0] || xd[3] != kernel[2] || yd[3] != kernel[3]) {
     call->promise.SetError(ffi::Error(ffi::ErrorCode::kInvalidArgument,
                                       "oneDNN convolution: the output's shape does not match "
                                       "the input's, the kernel's and the window's"));
