@@ -517,6 +517,9 @@ def test_conv_vae_rejects_unknown_convolutions():
   with pytest.raises(ValueError, match=r"ConvVAE: convolutions must be one of \('xla', 'onednn'\)"):
     ConvVAE(convolutions="onednn_winograd").init(
         jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), jax.random.PRNGKey(1))
+  with pytest.raises(ValueError, match="SubpixelConvTranspose: convolutions must be one of"):
+    conv_vae_lib.SubpixelConvTranspose(4, 4, 2, "cudnn").init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 7, 7, 2)))
 
 
 def test_default_config_resolves_auto_per_model(require_onednn, caplog):

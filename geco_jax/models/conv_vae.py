@@ -159,6 +159,7 @@ class SubpixelConvTranspose(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    _check_convolutions(self, self.convolutions)
     k, s, features = self.kernel_size, self.stride, self.features
     batch, height, width, channels = x.shape
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
