@@ -114,7 +114,7 @@ _RECURRENCE = flags.DEFINE_string("convdraw_recurrence", None,
                                   "ConvDraw's recurrence form (default: the preset's).")
 _CONVOLUTIONS = flags.DEFINE_list(
     "convdraw_convolutions", [],
-    "ConvDraw's convolutions (experiments.setup.CONVOLUTIONS: auto, xla, onednn, "
+    "ConvDraw's convolutions (experiments.setup.MODEL_CONVOLUTIONS: auto, xla, onednn, "
     "onednn_winograd). The first replaces the config's ('auto') in every section; in "
     "'compare', each further one is timed as one more JAX runner in the same rounds "
     "(e.g. 'auto,xla').")

@@ -58,9 +58,9 @@ MODELS = tuple(MODEL_CLASSES)
 # make_model resolves on the machine it runs on (the model's
 # choose_convolutions: oneDNN's on one CPU device where it is available, else
 # 'xla'). ConvDraw's: 'onednn_winograd'; the conv VAE's and VAE+NVP's: 'onednn'.
-CONVOLUTIONS = ("auto", *convdraw_lib.CONVOLUTIONS)
 MODEL_CONVOLUTIONS = {
-    "convdraw": CONVOLUTIONS, "conditional_convdraw": CONVOLUTIONS,
+    "convdraw": ("auto", *convdraw_lib.CONVOLUTIONS),
+    "conditional_convdraw": ("auto", *convdraw_lib.CONVOLUTIONS),
     "conv_vae": ("auto", *conv_vae_lib.CONVOLUTIONS),
     "vae_nvp": ("auto", *conv_vae_lib.CONVOLUTIONS)}
 _CHOOSE_CONVOLUTIONS = {
