@@ -46,7 +46,7 @@ pipeline
 data_parallel
   Steps/s of ``--dp_model`` at its global batch over 1, 2, 4, 8 forced host
   devices (a subprocess with ``--xla_force_host_platform_device_count``). On
-  a CPU this measures the overhead of splitting, not a speed-up. ConvDraw's
+  a CPU this measures the overhead of splitting, not a speed-up. A config's
   ``'auto'`` convolutions run as XLA's there, on every device count.
 
 Each model runs with its config's ``xla_flags`` (``configs/paper.py``: ConvDraw's

@@ -356,17 +356,15 @@ def conv2d(x: jax.Array, w: jax.Array, strides=(1, 1), padding="SAME") -> jax.Ar
   strides = tuple(int(v) for v in strides)
   if len(strides) != 2 or min(strides) < 1:
     raise ValueError(f"conv2d's strides must be two positive ints; got {strides}.")
+  bad_padding = (f"conv2d's padding must be 'SAME', 'VALID' or ((top, bottom), "
+                 f"(left, right)); got {padding!r}.")
   if isinstance(padding, str):
     if padding not in ("SAME", "VALID"):
-      raise ValueError(f"conv2d's padding must be 'SAME', 'VALID' or ((top, bottom), "
-                       f"(left, right)); got {padding!r}.")
-    pads = jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
-  else:
-    pads = tuple(tuple(int(v) for v in pair) for pair in padding)
-    if len(pads) != 2 or any(len(pair) != 2 for pair in pads):
-      raise ValueError(f"conv2d's padding must be 'SAME', 'VALID' or ((top, bottom), "
-                       f"(left, right)); got {padding!r}.")
-  pads = tuple(tuple(int(v) for v in pair) for pair in pads)
+      raise ValueError(bad_padding)
+    padding = jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
+  pads = tuple(tuple(int(v) for v in pair) for pair in padding)
+  if len(pads) != 2 or any(len(pair) != 2 for pair in pads):
+    raise ValueError(bad_padding)
   if min(min(pair) for pair in pads) < 0:
     raise ValueError(f"conv2d's padding must be non-negative; got {pads}.")
   window = (strides, pads)

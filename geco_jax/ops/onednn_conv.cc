@@ -289,8 +289,9 @@ ffi::Future Convolve(Op op, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   call->op = op;
   call->s = Shape{xd[0], xd[1], xd[2], kernel[2], kernel[3], kernel[0], kernel[1],
                   win ? *win : Same(kernel[0], kernel[1])};
-  // The other operand's spatial size must be the window's output (the caller checks;
-  // a mismatch here would read or write out of bounds).
+  // The other operand must be the window's output, and the channels the kernel's: the
+  // Python caller makes them so, and they are checked here too (a mismatch would read or
+  // write out of bounds).
   auto yd = op == kForward ? out->dimensions() : (op == kBackwardData ? a.dimensions()
                                                                        : b.dimensions());
   if (call->s.win.sh < 1 || call->s.win.sw < 1 || yd[1] != call->s.oh() ||
