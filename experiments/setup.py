@@ -50,6 +50,9 @@ DATASETS = tuple(SOURCES)
 CONDITIONAL_DATASETS = ("mnist_sum", "mnist_sum_hard", "mnist_rotate")
 # Datasets with one class label per image ('label'), as CLA needs.
 LABELLED_DATASETS = ("mnist", "fashion_mnist", "cifar10", "micro_mnist")
+# Read from files as they are; the others are derived from them or generated,
+# drawn from the dataset's seed.
+STORED_DATASETS = ("mnist", "fashion_mnist", "cifar10", "celeb_a")
 
 MODEL_CLASSES = {"conv_vae": ConvVAE, "convdraw": ConvDraw,
                  "conditional_convdraw": ConditionalConvDraw, "vae_nvp": VAENVP}
@@ -358,7 +361,7 @@ def make_dataset(config: ml_collections.ConfigDict) -> dict:
                 num_test=data.get("num_test"), **options)
   if data.source != "generated":
     kwargs["data_dir"] = data.get("data_dir")
-  if data.name in ("mnist", "fashion_mnist", "cifar10", "celeb_a"):
+  if data.name in STORED_DATASETS:
     kwargs.pop("num_train"), kwargs.pop("num_test"), kwargs.pop("seed")
   try:
     splits = load_dataset(data.name, **kwargs)
@@ -366,7 +369,7 @@ def make_dataset(config: ml_collections.ConfigDict) -> dict:
     raise ConfigError(" ".join(str(e).split())) from e
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.dataset: {e}") from e
-  if data.name in ("mnist", "fashion_mnist", "cifar10", "celeb_a"):
+  if data.name in STORED_DATASETS:
     for split, key in (("train", "num_train"), ("test", "num_test")):
       if data.get(key) is not None:  # the first examples, for quick runs
         splits[split] = {k: v[:data[key]] for k, v in splits[split].items()}
@@ -448,11 +451,20 @@ def _run_identity(config: dict) -> dict[str, Any]:
               "objective": config.get("objective"),
               "elbo.learn_sigma": (config.get("elbo") or {}).get("learn_sigma"),
               "constraints": sorted(config.get("constraints") or {})}
+  if "seed" in config:
+    # The initialisation and the order of the batches come from it: a run
+    # resumed with another seed would not be the run its first steps began.
+    identity["seed"] = config["seed"]
+  data = config.get("dataset") or {}
+  if data.get("name") not in STORED_DATASETS:
+    # A derived or generated dataset is drawn from its seed: another would be
+    # other training examples.
+    identity["dataset seed"] = (config.get("seed") if data.get("seed") is None
+                                else data["seed"])
   if config.get("objective") == "geco":
     # The dual optimiser's state is part of GECO's (runs from before the
     # field existed used Algorithm 1's SGD).
     identity["geco.dual"] = (config.get("geco") or {}).get("dual", "sgd")
-  data = config.get("dataset") or {}
   num_validation = data.get("num_validation") or 0
   if num_validation:
     # Which examples are held out (the last num_validation of the first
@@ -490,7 +502,11 @@ def check_workdir_matches(config: ml_collections.ConfigDict, workdir) -> None:
   A resumed run may change anything else (its length, logging, learning rates,
   tolerances); a different model, dataset, objective, set of constraints or
   GECO dual optimiser would not restore its checkpoints (refused here, before
-  anything is read or written, rather than found out when restoring). A run
+  anything is read or written, rather than found out when restoring). Nor may
+  it change ``config.seed`` (its initialisation and the order of its batches)
+  or, for a derived or generated dataset, ``dataset.seed`` (its examples): the
+  checkpoints would restore, but the rest of the run would not continue the
+  one they come from. A run
   with a validation split (``dataset.num_validation``) may not change which
   examples it holds out, nor start or stop holding some out: it would then
   evaluate on examples it has trained on.
@@ -518,7 +534,8 @@ def check_workdir_matches(config: ml_collections.ConfigDict, workdir) -> None:
     raise ConfigError(
         f"{workdir} holds checkpoints of another run ({'; '.join(differ)}); they would not "
         "restore into this config, or (held-out examples) it would evaluate on examples "
-        "it trained on. Use another --workdir, or move that run away.")
+        "it trained on, or (seeds) it would go on from them with other batches or other "
+        "examples. Use another --workdir, or move that run away.")
 
 
 # Model --------------------------------------------------------------------- #

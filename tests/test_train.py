@@ -123,6 +123,12 @@ def test_a_workdir_of_another_model_is_refused_and_left_as_it_was(tmp_path):
   assert (workdir / "config.json").read_text() == stored
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps
   assert not (workdir / "corrupt_checkpoints").exists()
+  # Another seed: the checkpoints would restore, but the batches would not go on.
+  with pytest.raises(setup.ConfigError, match=r"seed: 0 there, 1 here"):
+    train.train_and_evaluate(tiny_config(num_steps=8, seed=1), str(workdir))
+  assert (workdir / "config.json").read_text() == stored
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps
+  assert not (workdir / "corrupt_checkpoints").exists()
   # Anything else may change when a run is resumed: here its length and lambda_lr.
   resumed = train.train_and_evaluate(
       tiny_config(num_steps=6, **{"geco.lambda_lr": 1e-2}), str(workdir))
@@ -279,6 +285,37 @@ def test_a_validation_split_is_held_out_of_training_and_chooses_best_feasible(
   setup.check_workdir_matches(   # the same held-out examples: resumes
       tiny_config(num_steps=16, eval_split="validation", **{"dataset.num_validation": 56}),
       tmp_path / "run")
+
+
+def test_resuming_a_derived_dataset_from_another_seed_is_refused(tmp_path):
+  """Color-MNIST is drawn from the dataset's seed: another seed, other examples."""
+  from configs import nvp_color_mnist  # pylint: disable=import-outside-toplevel
+
+  def config(**overrides):
+    c = nvp_color_mnist.get_config()
+    for key, value in overrides.items():
+      *path, last = key.split(".")
+      target = c
+      for part in path:
+        target = target[part]
+      target[last] = value
+    return c
+
+  (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+  (tmp_path / "config.json").write_text(config().to_json_best_effort())
+  for same in ({}, {"dataset.seed": 0}, {"num_steps": 10}):   # seed 0 either way
+    setup.check_workdir_matches(config(**same), tmp_path)
+  with pytest.raises(setup.ConfigError, match=r"dataset seed: 0 there, 3 here"):
+    setup.check_workdir_matches(config(**{"dataset.seed": 3}), tmp_path)
+  with pytest.raises(setup.ConfigError, match=r"seed: 0 there, 2 here; dataset seed: 0 "
+                     r"there, 2 here"):
+    setup.check_workdir_matches(config(seed=2), tmp_path)
+  # A stored dataset is the same whatever its seed (config.dataset.seed unused).
+  mnist = {"dataset.name": "mnist", "dataset.source": "npz"}
+  (tmp_path / "config.json").write_text(tiny_config(**mnist).to_json_best_effort())
+  setup.check_workdir_matches(tiny_config(**mnist, **{"dataset.seed": 5}), tmp_path)
+  with pytest.raises(setup.ConfigError, match=r"\(seed: 0 there, 5 here\)"):
+    setup.check_workdir_matches(tiny_config(**mnist, seed=5), tmp_path)
 
 
 def test_a_non_finite_step_is_skipped_and_the_state_unchanged():
