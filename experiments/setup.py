@@ -298,12 +298,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     tolerance = spec.get("tolerance")
     require(isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool),
             f"config.constraints.{name}.tolerance must be a number; got {tolerance!r}.")
-    if name in ("re", "fre", "kl"):
+    # A tolerance that only a perfect reconstruction meets (an error of 0, a
+    # correlation or a probability of 1) is never met: the multiplier would
+    # only grow, to geco.lambda_max, and GECO would be a plain auto-encoder.
+    never_met = ("; a tolerance that only a perfect reconstruction meets is never met, "
+                 "and the multiplier would only grow (to geco.lambda_max)")
+    if name in ("re", "fre"):
+      require(tolerance > 0,
+              f"config.constraints.{name}.tolerance must be > 0 (an RMSE); got "
+              f"{tolerance!r}{never_met if tolerance == 0 else ''}.")
+    elif name == "kl":
       require(tolerance >= 0,
-              f"config.constraints.{name}.tolerance must be >= 0; got {tolerance!r}.")
+              f"config.constraints.kl.tolerance must be >= 0 (nats); got {tolerance!r}.")
     elif name == "pncc":
-      require(-1 <= tolerance <= 1,
-              f"config.constraints.pncc.tolerance must be in [-1, 1]; got {tolerance!r}.")
+      require(-1 <= tolerance < 1,
+              f"config.constraints.pncc.tolerance must be in [-1, 1) (a mean "
+              f"correlation); got {tolerance!r}{never_met if tolerance == 1 else ''}.")
     if name == "fre":
       features = spec.get("features", "local_statistics")
       require(features in FRE_FEATURES,
@@ -315,8 +325,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"config.constraints.fre.classifier: no trained classifier at {path!r}; "
                 f"train one with: {classifier_lib.CIFAR10_TRAIN_COMMAND}")
     elif name == "cla":
-      require(0 <= tolerance <= 1,
-              f"config.constraints.cla.tolerance must be in [0, 1]; got {tolerance!r}.")
+      require(0 <= tolerance < 1,
+              f"config.constraints.cla.tolerance must be in [0, 1) (a probability); got "
+              f"{tolerance!r}{never_met if tolerance == 1 else ''}.")
       require(data.name in ("mnist", "micro_mnist"),
               "config.constraints.cla needs labelled MNIST (config.dataset.name "
               "'mnist' or 'micro_mnist'), as its classifier is an "

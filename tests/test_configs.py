@@ -4,6 +4,7 @@ import importlib
 import os
 import pathlib
 
+import ml_collections
 import pytest
 
 from experiments import setup
@@ -127,3 +128,32 @@ def test_the_seed_is_a_non_negative_integer():
   config.seed = -1
   with pytest.raises(setup.ConfigError, match="config.seed must be an integer >= 0"):
     setup.validate_config(config)
+
+
+@pytest.mark.parametrize("config_name, name, value, message", [
+    ("default", "re", 0.0, r"re.tolerance must be > 0 \(an RMSE\); got 0.0; a tolerance "
+     r"that only a perfect reconstruction meets is never met"),
+    ("default", "re", -0.1, r"re.tolerance must be > 0 \(an RMSE\); got -0.1\.$"),
+    ("convdraw_cifar10_fre", "fre", 0, r"fre.tolerance must be > 0 .*never met"),
+    ("convdraw_cifar10_pncc", "pncc", 1.0, r"pncc.tolerance must be in \[-1, 1\) .*never met"),
+    ("convdraw_cifar10_pncc", "pncc", -1.5, r"pncc.tolerance must be in \[-1, 1\)"),
+    ("mnist_cla", "cla", 1.0, r"cla.tolerance must be in \[0, 1\) \(a probability\); got "
+     r"1.0; .*never met"),
+])
+def test_a_tolerance_never_met_is_refused(config_name, name, value, message):
+  """An RMSE of 0 or a correlation of 1 is met by no reconstruction: lambda only grows."""
+  config = importlib.import_module(f"configs.{config_name}").get_config()
+  config.constraints[name].tolerance = value
+  with pytest.raises(setup.ConfigError, match=message):
+    setup.validate_config(config)
+
+
+def test_the_boundary_tolerances_that_can_be_met_are_accepted():
+  from configs import convdraw_cifar10_pncc, default
+  config = default.get_config()
+  config.constraints = ml_collections.ConfigDict(
+      {"kl": {"tolerance": 0.0}})   # a posterior equal to the prior meets it
+  setup.validate_config(config)
+  config = convdraw_cifar10_pncc.get_config()
+  config.constraints.pncc.tolerance = -1.0
+  setup.validate_config(config)
