@@ -43,6 +43,7 @@ samples) are written as PNGs beside eval.json.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -164,13 +165,14 @@ def evaluate_state(experiment, state, *, num_train: Optional[int] = None,
   batch_size = config.batch_size
   rng = jax.random.PRNGKey(seed)
 
+  # The parameters are arguments, not constants folded into the programs.
   @jax.jit
-  def forward(batch, rng):
+  def forward(params, batch, rng):
     output = setup.apply_model(model, params["model"], batch, rng)
     return output.reconstruction, output.kl
 
   @jax.jit
-  def test_terms(batch, rng, sigma):
+  def test_terms(params, batch, rng, sigma):
     output = setup.apply_model(model, params["model"], batch, rng)
     constraints = experiment.constraint_fn(batch, output)
     return {"nll": metrics.quantized_normal_nll(batch["image"], output.reconstruction,
@@ -193,7 +195,7 @@ def evaluate_state(experiment, state, *, num_train: Optional[int] = None,
   total_sq, total_values = 0.0, 0
   train = cut("train", num_train)
   for i, (batch, n) in enumerate(_batches(train, batch_size)):
-    reconstruction, _ = forward(batch, jax.random.fold_in(rng, i))
+    reconstruction, _ = forward(params, batch, jax.random.fold_in(rng, i))
     sq, count = metrics.squared_error_sum(batch["image"][:n], reconstruction[:n])
     total_sq += float(sq)
     total_values += int(count)
@@ -203,7 +205,7 @@ def evaluate_state(experiment, state, *, num_train: Optional[int] = None,
   test = cut("test", num_test)
   sums: dict[str, float] = {}
   for i, (batch, n) in enumerate(_batches(test, batch_size)):
-    terms = jax.device_get(test_terms(batch, jax.random.fold_in(rng, 10**6 + i),
+    terms = jax.device_get(test_terms(params, batch, jax.random.fold_in(rng, 10**6 + i),
                                       sigma_star))
     for key, value in terms.items():
       sums[key] = sums.get(key, 0.0) + float(np.sum(np.asarray(value)[:n]))
@@ -241,7 +243,6 @@ def evaluate_state(experiment, state, *, num_train: Optional[int] = None,
 
 
 def _marginal_kl(model, params, arrays, rng) -> Optional[dict[str, float]]:
-  import jax
   import jax.numpy as jnp
 
   from geco_jax import metrics
@@ -251,27 +252,12 @@ def _marginal_kl(model, params, arrays, rng) -> Optional[dict[str, float]]:
 
   images = jnp.asarray(arrays["image"])
   if isinstance(model, ConvVAE):
-    mean, log_std = jax.jit(lambda x: model.apply(params["model"], x,
-                                                  method=model.encode))(images)
+    mean, log_std = _encoder_fn(model)(params["model"], images)
     estimate = metrics.marginal_kl_gaussian(mean, log_std, rng)
   elif isinstance(model, VAENVP):
-    z, own = jax.jit(lambda x: model.apply(params["model"], x, rng, 1,
-                                           method=model.posterior_samples))(images)
-    samples, own = z[:, 0], own[:, 0]
-
-    @jax.jit
-    def estimate_fn(samples, own, images):
-      def log_q(z_block, j_block):
-        zz = jnp.broadcast_to(z_block, (j_block.shape[0],) + z_block.shape)
-        return model.apply(params["model"], zz, images[j_block],
-                           method=model.log_posterior).T
-      # Each sample's own term from sampling, not from the inverse flow, which
-      # cannot recover posteriors narrower than float32 resolves (marginal_kl).
-      owners = jnp.arange(images.shape[0], dtype=jnp.int32)
-      return metrics.marginal_kl(samples, log_q, images.shape[0], block_size=256,
-                                 leave_out=owners, own_log_posterior=own)
-
-    estimate = estimate_fn(samples, own, images)
+    posterior_samples, estimate_fn = _vae_nvp_marginal_kl_fns(model)
+    z, own = posterior_samples(params["model"], images, rng)
+    estimate = estimate_fn(params["model"], z[:, 0], own[:, 0], images)
   elif isinstance(model, ConvDraw):
     estimate = _convdraw_marginal_kl(model, params["model"], images, rng)
   else:
@@ -287,6 +273,39 @@ def _marginal_kl(model, params, arrays, rng) -> Optional[dict[str, float]]:
   return result
 
 
+@functools.lru_cache(maxsize=8)
+def _encoder_fn(model):
+  """A conv VAE's compiled ``encode``, the parameters an argument."""
+  import jax
+  return jax.jit(lambda params, x: model.apply(params, x, method=model.encode))
+
+
+@functools.lru_cache(maxsize=8)
+def _vae_nvp_marginal_kl_fns(model):
+  """VAE+NVP's compiled posterior samples and marginal-KL estimate."""
+  import jax
+  import jax.numpy as jnp
+
+  from geco_jax import metrics
+
+  @jax.jit
+  def posterior_samples(params, images, rng):
+    return model.apply(params, images, rng, 1, method=model.posterior_samples)
+
+  @jax.jit
+  def estimate_fn(params, samples, own, images):
+    def log_q(z_block, j_block):
+      zz = jnp.broadcast_to(z_block, (j_block.shape[0],) + z_block.shape)
+      return model.apply(params, zz, images[j_block], method=model.log_posterior).T
+    # Each sample's own term from sampling, not from the inverse flow, which
+    # cannot recover posteriors narrower than float32 resolves (marginal_kl).
+    owners = jnp.arange(images.shape[0], dtype=jnp.int32)
+    return metrics.marginal_kl(samples, log_q, images.shape[0], block_size=256,
+                               leave_out=owners, own_log_posterior=own)
+
+  return posterior_samples, estimate_fn
+
+
 def _convdraw_marginal_kl(model, params, images, rng, batch_size: int = 64,
                           block_size: int = 32):
   """KL(q_N(z_1..T) || p(z_1..T)) of ConvDraw with its learned prior.
@@ -295,8 +314,28 @@ def _convdraw_marginal_kl(model, params, images, rng, batch_size: int = 64,
   teacher forcing (``ConvDraw.pairwise_log_posterior``: the encoder runs
   once per pair, T steps; the pairs j = i too, but their term comes from the
   drawn noise, ``ConvDrawTrace.log_posterior``), log p(z_i) along each path
-  (``log_prior``).
+  (``log_prior``). Compiled once per model and shapes (``_convdraw_marginal_kl_fns``):
+  the parameters are arguments, so the runs of one model share the programs.
   """
+  import jax
+  import jax.numpy as jnp
+
+  paths, prior, estimate_fn = _convdraw_marginal_kl_fns(model, block_size)
+  latents, owns, log_priors = [], [], []
+  for start in range(0, images.shape[0], batch_size):
+    z, own = paths(params, images[start:start + batch_size],
+                   jax.random.fold_in(rng, start))
+    latents.append(z)
+    owns.append(own)
+    log_priors.append(prior(params, z))
+  latent, own = jnp.concatenate(latents), jnp.concatenate(owns)
+  log_prior = jnp.concatenate(log_priors)
+  return estimate_fn(params, latent, own, log_prior, images)
+
+
+@functools.lru_cache(maxsize=8)
+def _convdraw_marginal_kl_fns(model, block_size: int):
+  """The compiled parts of ``_convdraw_marginal_kl`` for one ConvDraw (hashable)."""
   import jax
   import jax.numpy as jnp
 
@@ -304,23 +343,17 @@ def _convdraw_marginal_kl(model, params, images, rng, batch_size: int = 64,
 
   scorer = model if model.recurrence == "unrolled" else model.clone(recurrence="unrolled")
 
-  def path(x, key):
+  @jax.jit
+  def paths(params, x, key):
     trace = scorer.apply(params, x, key, method=scorer.trace)
     return trace.latent, trace.log_posterior
 
-  paths = jax.jit(path)
-  prior = jax.jit(lambda z: scorer.apply(params, z, method=scorer.log_prior))
-  latents, owns, log_priors = [], [], []
-  for start in range(0, images.shape[0], batch_size):
-    z, own = paths(images[start:start + batch_size], jax.random.fold_in(rng, start))
-    latents.append(z)
-    owns.append(own)
-    log_priors.append(prior(z))
-  latent, own = jnp.concatenate(latents), jnp.concatenate(owns)
-  log_prior = jnp.concatenate(log_priors)
+  @jax.jit
+  def prior(params, z):
+    return scorer.apply(params, z, method=scorer.log_prior)
 
   @jax.jit
-  def estimate_fn(latent, own, log_prior, images):
+  def estimate_fn(params, latent, own, log_prior, images):
     def log_q(z_block, j_block):
       return scorer.apply(params, z_block, images[j_block],
                           method=scorer.pairwise_log_posterior).T
@@ -330,7 +363,7 @@ def _convdraw_marginal_kl(model, params, images, rng, batch_size: int = 64,
                                log_prior_fn=lambda z: log_prior, block_size=block_size,
                                leave_out=owners, own_log_posterior=own)
 
-  return estimate_fn(latent, own, log_prior, images)
+  return paths, prior, estimate_fn
 
 
 def _first_words(error: Exception, limit: int = 200) -> str:
