@@ -332,3 +332,39 @@ def test_micro_mnist_checks_its_data_before_writing(tmp_path):
   assert len(lines) == 1 and "exceeds the 7 training examples" in lines[0], done.stderr
   assert "Traceback" not in done.stderr
   assert not (tmp_path / "run").exists()
+
+
+def test_the_marginal_kl_programs_are_shared_by_a_models_runs_not_their_parameters():
+  """Compiled once per model (cached), with the parameters as arguments: a second
+  run's estimate is its own, equal to one from a fresh cache."""
+  import jax
+
+  from experiments import setup
+  from geco_jax.models import ConvDraw
+  from geco_jax.models import ConvVAE
+  from geco_jax.models import VAENVP
+
+  images = jax.random.uniform(jax.random.PRNGKey(0), (6, 8, 8, 1))
+  rng = jax.random.PRNGKey(3)
+  models = [
+      ConvVAE(image_shape=(8, 8, 1), channels=(4, 8), hidden_size=8, latent_size=2),
+      VAENVP(image_shape=(8, 8, 1), channels=(4, 8), hidden_size=8, latent_size=2,
+             num_couplings=2, coupling_hidden_size=8),
+      ConvDraw(image_shape=(8, 8, 1), num_steps=2, hidden_channels=8, latent_channels=2,
+               read_channels=4, kernel_size=3),
+  ]
+  caches = (evaluate._encoder_fn, evaluate._vae_nvp_marginal_kl_fns,  # pylint: disable=protected-access
+            evaluate._convdraw_marginal_kl_fns)                       # pylint: disable=protected-access
+  for model in models:
+    runs = [{"model": setup.init_model(model, jax.random.PRNGKey(seed), {"image": images})}
+            for seed in (1, 7)]
+    estimates = [evaluate._marginal_kl(model, params, {"image": images}, rng)["kl"]  # pylint: disable=protected-access
+                 for params in runs]
+    assert estimates[0] != estimates[1], type(model).__name__
+    for cache in caches:
+      cache.cache_clear()
+    fresh = evaluate._marginal_kl(model, runs[1], {"image": images}, rng)["kl"]  # pylint: disable=protected-access
+    assert fresh == pytest.approx(estimates[1], rel=1e-6), type(model).__name__
+    again = evaluate._marginal_kl(model, runs[1], {"image": images}, rng)["kl"]  # pylint: disable=protected-access
+    assert again == pytest.approx(estimates[1], rel=1e-6)
+    assert sum(cache.cache_info().hits for cache in caches) == 1, type(model).__name__
