@@ -459,7 +459,7 @@ def _feasibility_criteria(config: ml_collections.ConfigDict,
   """What decides whether a state is feasible: the constraints (but their
   multiplier step sizes) and the evaluation set (the split, named when it is
   not the test split, how much of it, and a digest of its images, which
-  changes with anything that changes them: a generated dataset's seed, the
+  changes with anything that changes them: a generated test set's size, the
   examples held out, the source)."""
   criteria = {"constraints": {name: {k: v for k, v in spec.items() if k != "lambda_lr"}
                               for name, spec in config.constraints.to_dict().items()},

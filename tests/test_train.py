@@ -174,14 +174,14 @@ def test_best_feasible_keeps_the_lowest_kl_state_that_meets_every_constraint(tmp
   assert manager.all_steps() == [record["step"]]
   manager.close()
 
-  impossible = tiny_config(num_steps=4, eval_every=4, **{"constraints.re.tolerance": 0.0})
+  impossible = tiny_config(num_steps=4, eval_every=4, **{"constraints.re.tolerance": 1e-3})
   summary = train.train_and_evaluate(impossible, str(tmp_path / "hard"))
   assert summary["best_feasible"] is None
   assert not (tmp_path / "hard" / "best_feasible.json").exists()
 
   # Resumed under a tolerance the recorded state breaks: that record is not
   # reported as feasible (before, it was, judged by the old tolerance).
-  stricter = tiny_config(num_steps=16, eval_every=4, **{"constraints.re.tolerance": 0.0})
+  stricter = tiny_config(num_steps=16, eval_every=4, **{"constraints.re.tolerance": 1e-3})
   summary = train.train_and_evaluate(stricter, str(tmp_path / "easy"))
   assert summary["best_feasible"] is None
   assert json.loads((tmp_path / "easy" / "best_feasible.json").read_text()) == record
@@ -189,7 +189,7 @@ def test_best_feasible_keeps_the_lowest_kl_state_that_meets_every_constraint(tmp
 
 def test_best_feasible_is_dropped_when_its_evaluation_images_change(tmp_path, capsys):
   """The record names a digest of the images it was judged on: another generated
-  test set (a resume with another dataset.seed) starts a new record."""
+  test set (a resume with another dataset.num_test) starts a new record."""
   easy = {"constraints.re.tolerance": 0.9}
   summary = train.train_and_evaluate(
       tiny_config(num_steps=4, eval_every=4, **easy), str(tmp_path / "run"))
@@ -208,7 +208,7 @@ def test_best_feasible_is_dropped_when_its_evaluation_images_change(tmp_path, ca
 
   path.write_text(json.dumps(record))
   summary = train.train_and_evaluate(
-      tiny_config(num_steps=4, eval_every=4, **easy, **{"dataset.seed": 5}),
+      tiny_config(num_steps=4, eval_every=4, **easy, **{"dataset.num_test": 32}),
       str(tmp_path / "run"))
   assert "another evaluation set" in capsys.readouterr().err
   assert summary["best_feasible"] is None
