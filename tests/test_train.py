@@ -42,6 +42,11 @@ def tiny_config(**overrides):
   config.checkpoint_every = 4
   config.num_image_samples = 4
   config.geco.lambda_lr = 1e-3
+  return override(config, **overrides)
+
+
+def override(config, **overrides):
+  """``config`` with each dotted field (``"geco.lambda_lr"``) set to its value."""
   for key, value in overrides.items():
     target = config
     *path, last = key.split(".")
@@ -292,14 +297,7 @@ def test_resuming_a_derived_dataset_from_another_seed_is_refused(tmp_path):
   from configs import nvp_color_mnist  # pylint: disable=import-outside-toplevel
 
   def config(**overrides):
-    c = nvp_color_mnist.get_config()
-    for key, value in overrides.items():
-      *path, last = key.split(".")
-      target = c
-      for part in path:
-        target = target[part]
-      target[last] = value
-    return c
+    return override(nvp_color_mnist.get_config(), **overrides)
 
   (tmp_path / "checkpoints" / "4").mkdir(parents=True)
   (tmp_path / "config.json").write_text(config().to_json_best_effort())
