@@ -467,11 +467,11 @@ def _run_identity(config: dict) -> dict[str, Any]:
     # resumed with another seed would not be the run its first steps began.
     identity["seed"] = config["seed"]
   data = config.get("dataset") or {}
+  dataset_seed = config.get("seed") if data.get("seed") is None else data["seed"]
   if data.get("name") not in STORED_DATASETS:
     # A derived or generated dataset is drawn from its seed: another would be
     # other training examples.
-    identity["dataset seed"] = (config.get("seed") if data.get("seed") is None
-                                else data["seed"])
+    identity["dataset seed"] = dataset_seed
   if config.get("objective") == "geco":
     # The dual optimiser's state is part of GECO's (runs from before the
     # field existed used Algorithm 1's SGD).
@@ -482,10 +482,9 @@ def _run_identity(config: dict) -> dict[str, Any]:
     # num_train, drawn from the dataset's seed): resuming with others would
     # evaluate on examples the run has trained on. (Runs from before the field
     # existed held none out, and have no such entry.)
-    seed = data.get("seed")
     identity["held-out validation examples"] = {
         "dataset.num_validation": num_validation, "dataset.num_train": data.get("num_train"),
-        "dataset seed": config.get("seed") if seed is None else seed}
+        "dataset seed": dataset_seed}
   return identity
 
 
