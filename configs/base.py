@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # GECO's dual update (Algorithm 1): lambda <- lambda * exp(lambda_lr * C_ma).
   config.geco = ml_collections.ConfigDict()
-  config.geco.lambda_lr = 1e-4
+  config.geco.lambda_lr = 1e-4           # a constraint's own lambda_lr takes precedence
   config.geco.alpha = 0.99
   config.geco.lambda_init = 1.0
   config.geco.lambda_min = 1e-10

@@ -7,6 +7,8 @@ optional argument after a colon: ``cpu`` (default; sized for a 2-core CPU) or
 ``--config configs/convdraw_mnist.py:accelerator``.
 """
 
+from typing import Optional
+
 import ml_collections
 
 from configs import base
@@ -40,11 +42,16 @@ def _common(dataset: str, source: str, size: str) -> ml_collections.ConfigDict:
   return config
 
 
-def add_re(config, tolerance: float, lambda_lr: float = 1e-4):
-  """RE constraint: per-pixel RMSE <= tolerance (paper Table 1)."""
+def add_re(config, tolerance: float, lambda_lr: Optional[float] = None):
+  """RE constraint: per-pixel RMSE <= tolerance (paper Table 1).
+
+  Its multiplier's step is ``config.geco.lambda_lr`` (1e-4) unless ``lambda_lr``
+  is given, so that ``--config.geco.lambda_lr`` sets it from the command line.
+  """
   config.constraints.re = ml_collections.ConfigDict()
   config.constraints.re.tolerance = tolerance
-  config.constraints.re.lambda_lr = lambda_lr
+  if lambda_lr is not None:
+    config.constraints.re.lambda_lr = lambda_lr
   return config
 
 

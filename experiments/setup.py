@@ -691,12 +691,18 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   kwargs = dict(alpha=geco.alpha,
                 lambda_init={name: float(geco.lambda_init) for name in names},
                 lambda_min=geco.lambda_min, lambda_max=geco.lambda_max)
+  # One step size per constraint, for either dual: each constraint's own units
+  # set its scale (RE sums squared pixel errors, CLA is a probability).
+  steps = lambda_steps(config)
+  logging.info("GECO's multiplier steps (lambda_lr, dual %r): %s.", geco.dual, steps)
   if geco.dual == "pi":
-    kwargs["dual_optimizer"] = geco_jax.dual.pi(geco.lambda_lr, kp=geco.pi_kp)
+    kwargs["dual_optimizer"] = geco_jax.dual.pi(steps, kp=geco.pi_kp)
   else:
-    # One step size per constraint: each constraint's own units set its scale
-    # (RE sums squared pixel errors, CLA is a probability).
-    kwargs["lambda_lr"] = {
-        name: float(config.constraints[name].get("lambda_lr", geco.lambda_lr))
-        for name in names}
+    kwargs["lambda_lr"] = steps
   return optax.chain(geco_jax.geco(**kwargs), adam)
+
+
+def lambda_steps(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """Each constraint's multiplier step size: its own ``lambda_lr``, else ``geco.lambda_lr``."""
+  return {name: float(spec.get("lambda_lr", config.geco.lambda_lr))
+          for name, spec in config.constraints.items()}

@@ -75,7 +75,7 @@ class PIState(NamedTuple):
 
 
 def pi(
-    learning_rate: float,
+    learning_rate,
     kp: float = 1.0,
     ki: float = 1.0,
     ema_nu: float = 0.0,
@@ -94,7 +94,8 @@ def pi(
   ``learning_rate * (ki * C_ma_t + kp * Delta xi_t)`` in log space.
 
   Args:
-    learning_rate: step size eta (> 0, finite).
+    learning_rate: step size eta (> 0, finite): a float, or a pytree of the
+      parameters' structure (one step size per constraint), as for ``sgd``.
     kp: proportional gain (>= 0, finite).
     ki: integral gain (>= 0, finite).
     ema_nu: smoothing of the error for the proportional term, in [0, 1).
@@ -107,9 +108,13 @@ def pi(
     An ``optax.GradientTransformation`` with state ``PIState``.
   """
   # Written so that NaN fails every test (a NaN gain would poison lambda).
-  if not (learning_rate > 0 and math.isfinite(learning_rate)):
+  if not jax.tree_util.tree_leaves(learning_rate):
     raise ValueError(
-        f"pi: learning_rate must be positive and finite; got {learning_rate!r}.")
+        "pi: learning_rate must be a positive float or a pytree of them; "
+        f"got {learning_rate!r}.")
+  check(learning_rate, lambda v: v > 0 and math.isfinite(v),
+        "pi: learning_rate must be positive and finite")
+  per_leaf = is_container(learning_rate)
   if not (kp >= 0 and ki >= 0 and math.isfinite(kp) and math.isfinite(ki)):
     raise ValueError(
         f"pi: gains must be non-negative and finite; got kp={kp!r}, ki={ki!r}.")
@@ -128,14 +133,18 @@ def pi(
     del params
     first = state.count == 0
 
-    def one(error, xi_prev):
+    def one(error, xi_prev, lr):
       if init == "sgd":
         xi_prev = jnp.where(first, error, xi_prev)
       xi = ema_nu * xi_prev + (1.0 - ema_nu) * error
-      step = -learning_rate * (ki * error + kp * (xi - xi_prev))
+      step = -lr * (ki * error + kp * (xi - xi_prev))
       return step, xi
 
-    pairs = jax.tree_util.tree_map(one, updates, state.smoothed_error)
+    if per_leaf:
+      pairs = jax.tree_util.tree_map(one, updates, state.smoothed_error, learning_rate)
+    else:
+      pairs = jax.tree_util.tree_map(lambda e, x: one(e, x, learning_rate),
+                                     updates, state.smoothed_error)
     treedef = jax.tree_util.tree_structure(updates)
     steps, xis = zip(*treedef.flatten_up_to(pairs)) if treedef.num_leaves else ((), ())
     return (treedef.unflatten(steps),

@@ -113,6 +113,31 @@ def test_pi_matches_numpy_over_100_steps(kp, ki, ema_nu, init):
   assert int(state.count) == steps
 
 
+def test_pi_takes_one_learning_rate_per_constraint():
+  """A pytree of step sizes: each leaf moves as a scalar controller with its own."""
+  rates = {"a": 0.05, "b": 2e-3}
+  rng = np.random.default_rng(5)
+  errors = {"a": rng.normal(size=(30,)), "b": rng.normal(size=(30, 3))}
+  theta_0 = {"a": 0.3, "b": np.array([-1.0, 0.0, 2.0])}
+  tx = dual.pi(rates, kp=2.0, ki=1.0, ema_nu=0.5, init="zeros")
+  params = jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float32), theta_0)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  got = {"a": [], "b": []}
+  for t in range(30):
+    updates, state = update({k: jnp.asarray(v[t], jnp.float32) for k, v in errors.items()},
+                            state)
+    params = optax.apply_updates(params, updates)
+    for k in got:
+      got[k].append(np.asarray(params[k]))
+  for k, rate in rates.items():
+    _, want = numpy_nu_pi(errors[k], theta_0[k], rate, 2.0, 1.0, 0.5, "zeros")
+    np.testing.assert_allclose(np.array(got[k]), want, rtol=1e-5, atol=1e-6)
+  for bad in ({"a": 0.1, "b": 0.0}, {"a": float("nan"), "b": 0.1}, {}):
+    with pytest.raises(ValueError, match="pi: learning_rate"):
+      dual.pi(bad)
+
+
 def test_pi_first_step_by_hand():
   e0 = jnp.float32(2.0)
   # 'sgd': xi_{-1} = e_0, so the first step is SGD with lr * ki.

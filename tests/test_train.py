@@ -15,6 +15,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -574,3 +575,22 @@ def test_fre_on_the_features_of_a_saved_cifar10_classifier(tmp_path):
   config.constraints.fre.classifier = str(tmp_path / "missing")
   with pytest.raises(setup.ConfigError, match="cifar10_classifier"):
     setup.validate_config(config)
+
+
+@pytest.mark.parametrize("dual", ["sgd", "pi"])
+def test_each_constraint_moves_its_multiplier_by_its_own_step_for_either_dual(dual):
+  """constraints.<name>.lambda_lr, else geco.lambda_lr; the PI dual too (it once took
+  geco.lambda_lr for every constraint). First step: lambda = exp(step * C)."""
+  import geco_jax  # pylint: disable=import-outside-toplevel
+
+  config = tiny_config(**{"geco.dual": dual, "geco.lambda_lr": 1e-2})
+  config.constraints.kl = ml_collections.ConfigDict({"tolerance": 5.0, "lambda_lr": 0.5})
+  setup.validate_config(config)
+  assert setup.lambda_steps(config) == {"re": 1e-2, "kl": 0.5}
+  tx = setup.make_optimizer(config)
+  params = {"w": jnp.ones(3)}
+  updates, state = tx.update({"w": jnp.zeros(3)}, tx.init(params), params,
+                             constraint={"re": jnp.float32(2.0), "kl": jnp.float32(3.0)})
+  multiplier = geco_jax.lagrange_multiplier(state)
+  np.testing.assert_allclose(multiplier["re"], np.exp(1e-2 * 2.0), rtol=1e-6)
+  np.testing.assert_allclose(multiplier["kl"], np.exp(0.5 * 3.0), rtol=1e-6)
