@@ -32,6 +32,17 @@ from geco_jax._validation import check, is_container
 __all__ = ["sgd", "pi", "PIState"]
 
 
+def _check_learning_rate(learning_rate, name: str) -> bool:
+  """Raises unless a positive finite float or a pytree of them; True for a pytree."""
+  if not jax.tree_util.tree_leaves(learning_rate):
+    raise ValueError(
+        f"{name}: learning_rate must be a positive float or a pytree of them; "
+        f"got {learning_rate!r}.")
+  check(learning_rate, lambda v: v > 0 and math.isfinite(v),
+        f"{name}: learning_rate must be positive and finite")
+  return is_container(learning_rate)
+
+
 def sgd(learning_rate) -> optax.GradientTransformation:
   """Algorithm 1's dual step: ``log lambda <- log lambda + learning_rate * C_ma``.
 
@@ -39,13 +50,7 @@ def sgd(learning_rate) -> optax.GradientTransformation:
   learning rate that may be a float or a pytree of the parameters' structure
   (one step size per constraint). GECO feeds it ``g = -C_ma`` on ``log lambda``.
   """
-  if not jax.tree_util.tree_leaves(learning_rate):
-    raise ValueError(
-        "sgd: learning_rate must be a positive float or a pytree of them; "
-        f"got {learning_rate!r}.")
-  check(learning_rate, lambda v: v > 0 and math.isfinite(v),
-        "sgd: learning_rate must be positive and finite")
-  per_leaf = is_container(learning_rate)
+  per_leaf = _check_learning_rate(learning_rate, "sgd")
 
   def init_fn(params):
     del params
@@ -108,13 +113,7 @@ def pi(
     An ``optax.GradientTransformation`` with state ``PIState``.
   """
   # Written so that NaN fails every test (a NaN gain would poison lambda).
-  if not jax.tree_util.tree_leaves(learning_rate):
-    raise ValueError(
-        "pi: learning_rate must be a positive float or a pytree of them; "
-        f"got {learning_rate!r}.")
-  check(learning_rate, lambda v: v > 0 and math.isfinite(v),
-        "pi: learning_rate must be positive and finite")
-  per_leaf = is_container(learning_rate)
+  per_leaf = _check_learning_rate(learning_rate, "pi")
   if not (kp >= 0 and ki >= 0 and math.isfinite(kp) and math.isfinite(ki)):
     raise ValueError(
         f"pi: gains must be non-negative and finite; got kp={kp!r}, ki={ki!r}.")
