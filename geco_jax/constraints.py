@@ -29,6 +29,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from geco_jax._validation import check
 
@@ -200,9 +201,20 @@ def classification_accuracy(
     raise ValueError(
         "classification_accuracy: the classifier must return probabilities of "
         f"shape [batch, num_classes]; got shape {jnp.shape(probabilities)}.")
-  true_class = jnp.take_along_axis(
-      probabilities, jnp.asarray(labels)[:, None].astype(jnp.int32), axis=1)[:, 0]
-  return tolerance - true_class
+  num_classes = jnp.shape(probabilities)[1]
+  if not isinstance(labels, jax.core.Tracer):
+    bad = np.asarray(labels)[(np.asarray(labels) < 0) | (np.asarray(labels) >= num_classes)]
+    if bad.size:
+      raise ValueError(
+          f"classification_accuracy: labels must be class indices in [0, "
+          f"{num_classes}) for a classifier of {num_classes} classes; got "
+          f"{bad[0]}.")
+  labels = jnp.asarray(labels).astype(jnp.int32)
+  true_class = jnp.take_along_axis(probabilities, labels[:, None], axis=1)[:, 0]
+  # Under jit the labels cannot be checked: an index out of range (a negative
+  # one would wrap round to another class) gives NaN, not another class.
+  valid = (labels >= 0) & (labels < num_classes)
+  return tolerance - jnp.where(valid, true_class, jnp.nan)
 
 
 def _whitened_patches(images, patch_size: int, stride: int, epsilon: float):
@@ -256,8 +268,11 @@ def patch_normalized_cross_correlation(
         "patch_normalized_cross_correlation: need 1 <= patch_size <= image "
         f"side and stride >= 1; got patch_size={patch_size}, stride={stride} "
         f"for images of size {x.shape[1:3]}.")
-  px = _whitened_patches(x, patch_size, stride, epsilon)
-  pg = _whitened_patches(reconstruction, patch_size, stride, epsilon)
+  # In float32 at least: a flat patch's norm is sqrt(epsilon), and the
+  # gradient of centred / norm there (~1 / sqrt(epsilon)) overflows float16.
+  dtype = jnp.promote_types(jnp.result_type(x, reconstruction), jnp.float32)
+  px = _whitened_patches(jnp.asarray(x, dtype), patch_size, stride, epsilon)
+  pg = _whitened_patches(jnp.asarray(reconstruction, dtype), patch_size, stride, epsilon)
   correlation = jnp.mean(jnp.sum(px * pg, axis=-1), axis=-1)
   return tolerance - correlation
 

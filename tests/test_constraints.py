@@ -275,6 +275,22 @@ def test_classification_accuracy_errors():
       C.classification_accuracy(g, np.array([2, 0]), tolerance, _fixed_classifier)
 
 
+def test_classification_accuracy_labels_out_of_range():
+  # _PROBABILITIES has 3 classes: 3 is out of range, and -1 would wrap round
+  # to class 2 under NumPy indexing.
+  g = np.zeros((2, 4, 4, 1), np.float32)
+  for labels in ([3, 0], [0, -1]):
+    with pytest.raises(ValueError, match=r"in \[0, 3\).*3 classes"):
+      C.classification_accuracy(g, np.array(labels), 0.5, _fixed_classifier)
+  # Under jit the labels are not known: the bad example's value is NaN (which
+  # GECO's update then skips), the others are unchanged.
+  cla = _jit(C.classification_accuracy, tolerance=0.6, classifier=_fixed_classifier)
+  for labels in ([3, 0], [-1, 0]):
+    c = np.asarray(cla(g, np.array(labels)))
+    assert np.isnan(c[0])
+    np.testing.assert_allclose(c[1], 0.6 - 0.5, rtol=1e-6)
+
+
 # --------------------------------------------------------------------------- #
 # pNCC
 # --------------------------------------------------------------------------- #
@@ -354,6 +370,30 @@ def test_pncc_flat_patches_correlate_to_zero():
       _jit(C.patch_normalized_cross_correlation, tolerance=0.0, patch_size=3,
            stride=3)(half, half),
       [-0.5, -0.5], atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_pncc_half_precision_inputs_have_finite_gradients(dtype):
+  # A digit on a flat background: the gradient on the flat patches is about
+  # 1 / sqrt(epsilon) = 1000 times the patch direction, and computed in
+  # float16 the backward pass of centred / norm overflowed to NaN.
+  x = np.zeros((1, 14, 14, 1), np.float32)
+  x[:, 5:9, 5:9] = 1.0
+  noise = np.random.default_rng(0).uniform(size=x.shape).astype(np.float32)
+  reconstruction = 0.9 * x + 0.05 * noise * (x > 0)
+  fn = lambda r, xx: C.patch_normalized_cross_correlation(xx, r, 0.1).sum()
+  want_value = fn(reconstruction, x)
+  want_grad = jax.grad(fn)(reconstruction, x)
+  low_x, low_r = jnp.asarray(x, dtype), jnp.asarray(reconstruction, dtype)
+  value = fn(low_r, low_x)
+  grad = jax.grad(fn)(low_r, low_x)
+  assert value.dtype == jnp.float32
+  assert grad.dtype == dtype
+  assert np.all(np.isfinite(np.asarray(grad, np.float32)))
+  # The half-precision inputs round the reconstruction, so compare loosely.
+  np.testing.assert_allclose(value, want_value, atol=2e-2)
+  np.testing.assert_allclose(np.asarray(grad, np.float32), want_grad, rtol=0.1,
+                             atol=0.1 * np.abs(want_grad).max())
 
 
 def _conv_precisions(jaxpr):
