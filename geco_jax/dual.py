@@ -43,6 +43,34 @@ def _check_learning_rate(learning_rate, name: str) -> bool:
   return is_container(learning_rate)
 
 
+def _rates_for(learning_rate, per_leaf: bool, updates, name: str):
+  """``learning_rate`` as a pytree of ``updates``' structure, or a clear error.
+
+  A step size that does not follow the multipliers' structure, or whose shape
+  is neither ``()`` nor its multiplier's, would fail with a bare pytree error
+  or silently broadcast the multiplier to a new shape.
+  """
+  structure = jax.tree_util.tree_structure(updates)
+  if per_leaf:
+    if jax.tree_util.tree_structure(learning_rate) != structure:
+      raise ValueError(
+          f"{name}: the learning_rate pytree has structure "
+          f"{jax.tree_util.tree_structure(learning_rate)}, but the multipliers have "
+          f"{structure}; give one step size per constraint, with the "
+          "constraints' structure.")
+    rates = learning_rate
+  else:
+    rates = structure.unflatten([learning_rate] * structure.num_leaves)
+  for rate, leaf in zip(jax.tree_util.tree_leaves(rates),
+                        jax.tree_util.tree_leaves(updates)):
+    if jnp.shape(rate) not in ((), jnp.shape(leaf)):
+      raise ValueError(
+          f"{name}: a learning rate of shape {jnp.shape(rate)} for a multiplier of "
+          f"shape {jnp.shape(leaf)}; give a scalar, or an array of the "
+          "multiplier's shape (one step per entry).")
+  return rates
+
+
 def sgd(learning_rate) -> optax.GradientTransformation:
   """Algorithm 1's dual step: ``log lambda <- log lambda + learning_rate * C_ma``.
 
@@ -58,11 +86,8 @@ def sgd(learning_rate) -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del params
-    if per_leaf:
-      steps = jax.tree_util.tree_map(lambda g, lr: -lr * g, updates, learning_rate)
-    else:
-      steps = jax.tree_util.tree_map(lambda g: -learning_rate * g, updates)
-    return steps, state
+    rates = _rates_for(learning_rate, per_leaf, updates, "sgd")
+    return jax.tree_util.tree_map(lambda g, lr: -lr * g, updates, rates), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -125,6 +150,7 @@ def pi(
     raise ValueError(f"pi: init must be 'sgd' or 'zeros'; got {init!r}.")
 
   def init_fn(params):
+    _rates_for(learning_rate, per_leaf, params, "pi")
     return PIState(count=jnp.zeros([], jnp.int32),
                    smoothed_error=jax.tree_util.tree_map(jnp.zeros_like, params))
 
@@ -139,11 +165,8 @@ def pi(
       step = -lr * (ki * error + kp * (xi - xi_prev))
       return step, xi
 
-    if per_leaf:
-      pairs = jax.tree_util.tree_map(one, updates, state.smoothed_error, learning_rate)
-    else:
-      pairs = jax.tree_util.tree_map(lambda e, x: one(e, x, learning_rate),
-                                     updates, state.smoothed_error)
+    rates = _rates_for(learning_rate, per_leaf, updates, "pi")
+    pairs = jax.tree_util.tree_map(one, updates, state.smoothed_error, rates)
     treedef = jax.tree_util.tree_structure(updates)
     steps, xis = zip(*treedef.flatten_up_to(pairs)) if treedef.num_leaves else ((), ())
     return (treedef.unflatten(steps),

@@ -21,6 +21,18 @@ as its gradient; it keeps lambda positive. ``log lambda`` is also kept within
 [1.8e-35, 5.5e34]), so that lambda, stored as a float32, can neither round to
 0 nor overflow to inf, from which ``log lambda`` could never come back.
 
+A batch whose constraint is not finite (NaN or inf, e.g. a diverged step)
+leaves the Lagrange state as it was: one bad batch would otherwise make C_ma
+and lambda NaN for good. Only the Lagrange state is guarded; to skip the
+parameters' update too, wrap the chain in ``optax.apply_if_finite``.
+
+Gradient accumulation: ``optax.MultiSteps`` calls its inner transformation
+once per k micro-batches, with the extra arguments of the last one only, so a
+GECO inside it would see only the last micro-batch's constraint (and a GECO
+outside it would move lambda at every micro-batch). Accumulate inside the step
+instead: sum the gradients over the micro-batches (``jax.lax.scan``) and call
+``update`` once with the mean of their constraints.
+
 Here the dual update is pluggable:
 ``dual_optimizer`` is any optax transformation applied to ``log lambda`` with
 ``-C_ma_t`` as its gradient (optax minimises), the default being SGD with
@@ -171,6 +183,21 @@ def _check_step_shapes(lambda_init, lambda_lr, structure) -> None:
           f"(lambda_init) has shape {init_shape}; give one step size per "
           "multiplier as a scalar, or as an array of the multiplier's shape "
           "(e.g. lambda_init=jnp.ones(2) with lambda_lr=jnp.array([0.1, 0.2])).")
+
+
+def _check_dual_updates(dual_updates, log_lambda) -> None:
+  """The dual optimiser must move each multiplier, not reshape it."""
+  structure = jax.tree_util.tree_structure(log_lambda)
+  ok = jax.tree_util.tree_structure(dual_updates) == structure and all(
+      jnp.shape(u) == jnp.shape(l) for u, l in zip(
+          jax.tree_util.tree_leaves(dual_updates), jax.tree_util.tree_leaves(log_lambda)))
+  if not ok:
+    shapes = lambda tree: jax.tree_util.tree_map(jnp.shape, tree)
+    raise ValueError(
+        "geco: the dual optimiser returned updates of shapes "
+        f"{shapes(dual_updates)} for multipliers of shapes {shapes(log_lambda)}; "
+        "its step sizes (or other per-parameter settings) must follow the "
+        "constraints' structure, with scalars or arrays of each multiplier's shape.")
 
 
 def _check_constraint(constraint, state: GecoState, where: str) -> None:
@@ -350,6 +377,7 @@ def geco(
     dual_grads = jax.tree_util.tree_map(jnp.negative, constraint_ma)
     dual_updates, dual_state = dual_optimizer.update(
         dual_grads, state.dual_state, log_lambda)
+    _check_dual_updates(dual_updates, log_lambda)
     log_lambda = optax.apply_updates(log_lambda, dual_updates)
     lo, hi = -LOG_MULTIPLIER_LIMIT, LOG_MULTIPLIER_LIMIT
     if lambda_min is not None:
@@ -366,6 +394,13 @@ def geco(
         dual_state=dual_state,
         static=state.static,
     )
+    # A non-finite constraint (a diverged batch) would make C_ma and lambda NaN
+    # in every later step: keep the Lagrange state of the last finite one.
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(c)) for c in
+                                  jax.tree_util.tree_leaves(batch_constraint)]))
+    new_state = jax.tree_util.tree_map(
+        lambda new, old: jnp.where(finite, new, old), new_state,
+        state._replace(moving_average_decay=new_state.moving_average_decay))
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -247,6 +247,34 @@ def test_geco_with_pi_on_several_constraints():
   np.testing.assert_allclose([g["kl"] for g in got], [-0.1, -0.2, -0.3], rtol=1e-5)
 
 
+@pytest.mark.parametrize("make", [dual.sgd, dual.pi])
+def test_step_sizes_must_follow_the_multipliers(make):
+  # One multiplier with two step sizes would silently turn lambda into a
+  # vector on the first update; a pytree missing a constraint would fail with a
+  # bare pytree error. Both are one clear error, whichever dual.
+  cases = (
+      (jnp.array([0.1, 0.2]), 1.0, "shape \\(2,\\) for a multiplier of shape \\(\\)"),
+      ({"a": 0.1}, {"a": 1.0, "b": 1.0}, "structure"),
+      ({"a": jnp.array([0.1, 0.2]), "b": 0.1}, {"a": jnp.ones(3), "b": 1.0}, "shape"),
+  )
+  for rate, lambda_init, match in cases:
+    tx = geco_jax.geco(dual_optimizer=make(rate), lambda_init=lambda_init)
+    with pytest.raises(ValueError, match=match):
+      state = tx.init(None)
+      tx.update({}, state, constraint=jax.tree_util.tree_map(jnp.ones_like,
+                                                             state.lagrange_multiplier))
+  # Arrays of each multiplier's shape are one step per entry.
+  tx = geco_jax.geco(dual_optimizer=make(jnp.array([0.1, 0.2])), lambda_init=jnp.ones(2))
+  _, state = tx.update({}, tx.init(None), constraint=jnp.ones(2))
+  np.testing.assert_allclose(state.lagrange_multiplier, np.exp([0.1, 0.2]), rtol=1e-6)
+
+
+def test_geco_checks_any_dual_optimizers_updates():
+  tx = geco_jax.geco(dual_optimizer=optax.scale(-jnp.array([0.1, 0.2])))
+  with pytest.raises(ValueError, match="dual optimiser returned updates of shapes"):
+    tx.update({}, tx.init(None), constraint=jnp.float32(1.0))
+
+
 def test_geco_rejects_lambda_lr_with_dual_optimizer():
   with pytest.raises(ValueError, match="not both"):
     geco_jax.geco(lambda_lr=0.1, dual_optimizer=dual.pi(0.1))

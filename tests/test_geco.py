@@ -191,6 +191,23 @@ def test_unbounded_lambda_never_dies_and_comes_back():
   assert float(geco_jax.lagrange_multiplier(state)) == pytest.approx(np.exp(50.0), rel=1e-4)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_constraint_leaves_the_lagrange_state_as_it_was(bad):
+  tx = geco_jax.geco(lambda_lr=0.1, alpha=0.5, lambda_init={"re": 1.0, "cla": 2.0})
+  update = jax.jit(lambda state, c: tx.update({}, state, constraint=c)[1])
+  state = update(tx.init(None), {"re": 1.0, "cla": -1.0})
+  after_bad = update(state, {"re": bad, "cla": -1.0})
+  for a, b in zip(jax.tree_util.tree_leaves(after_bad), jax.tree_util.tree_leaves(state)):
+    np.testing.assert_array_equal(a, b)
+  # The next finite batch carries on from the last finite state, by hand:
+  # C_ma = 0.5 * 1 + 0.5 * 3 = 2, lambda = exp(0.1) * exp(0.1 * 2).
+  state = update(after_bad, {"re": 3.0, "cla": -1.0})
+  assert int(state.count) == 2
+  np.testing.assert_allclose(state.constraint_ma["re"], 2.0, rtol=1e-6)
+  np.testing.assert_allclose(state.lagrange_multiplier["re"], np.exp(0.3), rtol=1e-6)
+  np.testing.assert_allclose(state.lagrange_multiplier["cla"], 2 * np.exp(-0.2), rtol=1e-6)
+
+
 def test_scheduled_alpha_is_used_at_its_step():
   # alpha is 0 at steps 0-1 and 0.9 from step 2 on: the state's average at
   # step 2 is 0.9 * C_ma_1 + 0.1 * C_2 with step 2's alpha; the Lagrangian's
