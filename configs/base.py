@@ -61,6 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   # GECO's dual update (Algorithm 1): lambda <- lambda * exp(lambda_lr * C_ma).
   config.geco = ml_collections.ConfigDict()
+  # What GECO minimises under the constraints: "kl", the paper's KL(q(z|x) || pi(z));
+  # or "squared_error", ||x - g(z)||^2 summed per image, under a KL constraint
+  # (constraints.kl): the rate-constrained (information-bottleneck) form, with
+  # lambda_kl = 2 sigma^2 beta of the beta-VAE.
+  config.geco.minimise = "kl"
   config.geco.lambda_lr = 1e-4           # a constraint's own lambda_lr takes precedence
   config.geco.alpha = 0.99
   config.geco.lambda_init = 1.0

@@ -76,6 +76,9 @@ VAE_NVP_PRESETS = {"cpu": vae_nvp_lib.CPU_PRESET,
                    "micro_mnist": vae_nvp_lib.MICRO_MNIST_PRESET}
 OBJECTIVES = ("geco", "elbo", "elbo_annealed")
 DUALS = ("sgd", "pi")
+# What GECO minimises (config.geco.minimise): the paper's KL, or the squared
+# error under a KL constraint (the rate-constrained form).
+GECO_OBJECTIVES = ("kl", "squared_error")
 # Where the periodic evaluation and best_feasible look (config.eval_split).
 EVAL_SPLITS = ("test", "validation")
 CONSTRAINTS = ("re", "fre", "pncc", "kl", "cla")
@@ -279,6 +282,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   require(config.objective != "geco" or len(config.constraints) >= 1,
           "config.constraints is empty: GECO needs at least one constraint.")
+  require(geco.minimise in GECO_OBJECTIVES,
+          f"config.geco.minimise must be one of {GECO_OBJECTIVES}; got {geco.minimise!r}.")
+  if config.objective == "geco" and geco.minimise == "kl":
+    require(set(config.constraints.keys()) != {"kl"},
+            "config.constraints has only a KL constraint, and GECO minimises the KL: "
+            "nothing would train the decoder. For the rate-constrained form (minimise "
+            "the reconstruction error subject to KL <= tolerance) set "
+            "config.geco.minimise='squared_error'; or add a reconstruction constraint.")
+  if config.objective == "geco" and geco.minimise == "squared_error":
+    require("kl" in config.constraints,
+            "config.geco.minimise='squared_error' minimises the reconstruction error "
+            "subject to a bound on the KL: add config.constraints.kl with its "
+            "tolerance in nats (without it nothing keeps the KL from growing).")
+    require("re" not in config.constraints,
+            "config.geco.minimise='squared_error' already minimises the squared error: "
+            "an RE constraint on it as well would be redundant; remove "
+            "config.constraints.re.")
   for name, spec in config.constraints.items():
     require(name in CONSTRAINTS,
             f"config.constraints.{name}: unknown constraint; known: {CONSTRAINTS}.")
@@ -476,6 +496,8 @@ def _run_identity(config: dict) -> dict[str, Any]:
     # The dual optimiser's state is part of GECO's (runs from before the
     # field existed used Algorithm 1's SGD).
     identity["geco.dual"] = (config.get("geco") or {}).get("dual", "sgd")
+    # The loss's first term (runs from before the field existed minimised the KL).
+    identity["geco.minimise"] = (config.get("geco") or {}).get("minimise", "kl")
   num_validation = data.get("num_validation") or 0
   if num_validation:
     # Which examples are held out (the last num_validation of the first
@@ -649,7 +671,9 @@ def init_likelihood_params(config: ml_collections.ConfigDict) -> dict:
 def make_loss_fn(config: ml_collections.ConfigDict, constraint_fn):
   """``fn(likelihood_params, batch, output, opt_state, step) -> (loss, metrics)``.
 
-  GECO: ``geco_jax.lagrangian`` of the batch-mean KL and constraints. ELBO:
+  GECO: ``geco_jax.lagrangian`` of the batch-mean KL (or, with
+  ``geco.minimise='squared_error'``, of the batch-mean squared error) and the
+  constraints. ELBO:
   the batch mean of ``objectives.negative_elbo`` with a fixed, learned or
   GQN-annealed sigma. Every objective also reports its constraints (for ELBO
   runs: how far from GECO's targets they end).
@@ -663,7 +687,13 @@ def make_loss_fn(config: ml_collections.ConfigDict, constraint_fn):
     metrics = {"kl": kl,
                "gaussian_nll": objectives.optimal_sigma_nll(images, output.reconstruction)}
     if objective == "geco":
-      loss = geco_jax.lagrangian(kl, constraint, opt_state)
+      if config.geco.minimise == "squared_error":
+        # Rate-constrained: min E||x - g(z)||^2 subject to KL <= tolerance.
+        minimised = jnp.mean(jnp.sum(jnp.square(images - output.reconstruction)
+                                     .reshape(images.shape[0], -1), axis=1))
+      else:
+        minimised = kl  # the paper's GECO: min KL subject to the constraints
+      loss = geco_jax.lagrangian(minimised, constraint, opt_state)
     else:
       if objective == "elbo_annealed":
         sigma = objectives.annealed_sigma(step, sigma_start=elbo.sigma_start,

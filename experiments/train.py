@@ -25,8 +25,9 @@ Survival:
   finite values. Skipped updates never change the state, and a state is
   checked finite before it is written, so no NaN reaches a checkpoint;
 - ``best_feasible``: at each evaluation, if every constraint holds on the
-  evaluation set (mean C <= 0) and the KL is the lowest seen so far, that
-  state is kept in ``workdir/best_feasible`` with ``best_feasible.json``.
+  evaluation set (mean C <= 0) and the KL (or, with
+  ``geco.minimise='squared_error'``, the squared error) is the lowest seen so
+  far, that state is kept in ``workdir/best_feasible`` with ``best_feasible.json``.
   The evaluation set is ``config.eval_split``: the test split by default, or
   the training examples held out by ``config.dataset.num_validation``
   ("validation"), so that the state is not chosen on the test set that
@@ -350,7 +351,8 @@ class Experiment:
         sums[key] = sums.get(key, 0.0) + float(value)
     means = {key: value / total for key, value in sums.items()}
     num_values = math.prod(arrays["image"].shape[1:])
-    variance = max(means.pop("squared_error") / num_values, 1e-12)
+    # squared_error: the mean of ||x - g(z)||^2 per example.
+    variance = max(means["squared_error"] / num_values, 1e-12)
     means["gaussian_nll"] = 0.5 * num_values * (math.log(2 * math.pi * variance) + 1.0)
     return means
 
@@ -464,6 +466,8 @@ def _feasibility_criteria(config: ml_collections.ConfigDict,
   criteria = {"constraints": {name: {k: v for k, v in spec.items() if k != "lambda_lr"}
                               for name, spec in config.constraints.to_dict().items()},
               "eval_num_examples": config.eval_num_examples}
+  if _minimised(config) != "kl":   # (records of KL-minimising runs do not name it)
+    criteria["minimised"] = _minimised(config)
   if _eval_split(config) == "validation":
     criteria.update(eval_split="validation",
                     num_validation=config.dataset.num_validation)
@@ -477,8 +481,16 @@ def _eval_split(config: ml_collections.ConfigDict) -> str:
   return config.get("eval_split", "test")
 
 
+def _minimised(config: ml_collections.ConfigDict) -> str:
+  """The evaluation metric that best_feasible minimises: GECO's objective."""
+  if config.objective == "geco":
+    return config.geco.get("minimise", "kl")
+  return "kl"
+
+
 class _BestFeasible:
-  """The lowest-KL state whose constraints all hold on the evaluation set.
+  """The lowest-KL state whose constraints all hold on the evaluation set
+  (the lowest squared error for ``geco.minimise='squared_error'``).
 
   The record names the criteria it was judged by (``_feasibility_criteria``).
   A run resumed with other tolerances or another evaluation set starts a new
@@ -489,6 +501,7 @@ class _BestFeasible:
   def __init__(self, workdir: epath.Path, criteria: dict):
     self.record_path = workdir / "best_feasible.json"
     self.criteria = criteria
+    self.minimised = criteria.get("minimised", "kl")
     self.manager = ocp.CheckpointManager(
         workdir / "best_feasible", options=ocp.CheckpointManagerOptions(max_to_keep=1))
     self.record = (json.loads(self.record_path.read_text())
@@ -511,12 +524,14 @@ class _BestFeasible:
                    if k.startswith("constraint/")}
     if not constraints or not all(v <= 0 for v in constraints.values()):
       return False
-    if self.record is not None and eval_metrics["kl"] >= self.record["kl"]:
+    key = self.minimised
+    if self.record is not None and eval_metrics[key] >= self.record[key]:
       return False
     self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
     self.manager.wait_until_finished()
-    self.record = {"step": step, "kl": eval_metrics["kl"], "constraints": constraints,
-                   "eval": eval_metrics, "criteria": self.criteria}
+    self.record = {"step": step, "kl": eval_metrics["kl"], key: eval_metrics[key],
+                   "constraints": constraints, "eval": eval_metrics,
+                   "criteria": self.criteria}
     if jax.process_index() == 0:  # written after the checkpoint is complete
       tmp = self.record_path.parent / (self.record_path.name + ".tmp")
       tmp.write_text(json.dumps(self.record, indent=1, sort_keys=True))

@@ -457,7 +457,10 @@ def lagrangian(kl, constraint, opt_state) -> jax.Array:
   which is held constant (no gradient flows to lambda).
 
   Args:
-    kl: the batch mean of KL(q(z|x) || pi(z)), a scalar.
+    kl: the batch mean of what GECO minimises, a scalar: KL(q(z|x) || pi(z))
+      in the paper. In the rate-constrained form, where the constraint is
+      ``constraints.kl_divergence``, a distortion such as the squared error
+      ``||x - g(z)||^2``; lambda is then 2 sigma^2 beta of the beta-VAE.
     constraint: the batch mean of each constraint, a scalar or a pytree with
       the structure GECO was built for.
     opt_state: an optimiser state that contains a ``GecoState``.

@@ -151,9 +151,32 @@ def test_a_tolerance_never_met_is_refused(config_name, name, value, message):
 def test_the_boundary_tolerances_that_can_be_met_are_accepted():
   from configs import convdraw_cifar10_pncc, default
   config = default.get_config()
+  config.geco.minimise = "squared_error"
   config.constraints = ml_collections.ConfigDict(
       {"kl": {"tolerance": 0.0}})   # a posterior equal to the prior meets it
   setup.validate_config(config)
   config = convdraw_cifar10_pncc.get_config()
   config.constraints.pncc.tolerance = -1.0
   setup.validate_config(config)
+
+
+@pytest.mark.parametrize("minimise, constraints, message", [
+    # GECO minimises the KL: a KL bound alone leaves the decoder untrained.
+    ("kl", {"kl": {"tolerance": 5.0}}, r"only a KL constraint.*minimise='squared_error'"),
+    ("squared_error", {"pncc": {"tolerance": 0.5}}, r"add config.constraints.kl"),
+    ("squared_error", {"kl": {"tolerance": 5.0}, "re": {"tolerance": 0.1}},
+     r"RE constraint on it as well would be redundant"),
+    ("mse", {"re": {"tolerance": 0.1}}, r"geco.minimise must be one of \('kl', "
+     r"'squared_error'\); got 'mse'"),
+])
+def test_what_geco_minimises_must_suit_its_constraints(minimise, constraints, message):
+  from configs import default
+  config = default.get_config()
+  config.geco.minimise = minimise
+  config.constraints = ml_collections.ConfigDict(constraints)
+  with pytest.raises(setup.ConfigError, match=message):
+    setup.validate_config(config)
+  # An ELBO run only measures its constraints, whatever geco.minimise says.
+  if minimise in setup.GECO_OBJECTIVES:
+    config.objective = "elbo"
+    setup.validate_config(config)

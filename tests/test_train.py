@@ -193,6 +193,32 @@ def test_best_feasible_keeps_the_lowest_kl_state_that_meets_every_constraint(tmp
   assert json.loads((tmp_path / "easy" / "best_feasible.json").read_text()) == record
 
 
+def test_best_feasible_minimises_what_geco_minimises(tmp_path):
+  """The lowest KL for the paper's GECO; the lowest squared error when GECO
+  minimises it under a KL bound (there a lower KL is no better)."""
+  from etils import epath  # pylint: disable=import-outside-toplevel
+
+  state = {"w": jnp.zeros(2)}
+  evaluations = [  # (kl, squared_error, constraint)
+      {"kl": 5.0, "squared_error": 20.0, "constraint/kl": -1.0},
+      {"kl": 4.0, "squared_error": 30.0, "constraint/kl": -2.0},   # lower KL
+      {"kl": 6.0, "squared_error": 10.0, "constraint/kl": -0.5},   # lower error
+      {"kl": 3.0, "squared_error": 5.0, "constraint/kl": 0.5},     # infeasible
+  ]
+  rate = tiny_config(**{"geco.minimise": "squared_error"})
+  rate.constraints = ml_collections.ConfigDict({"kl": {"tolerance": 6.5}})
+  for config, want_steps in ((tiny_config(), [1, 2]), (rate, [1, 3])):
+    workdir = epath.Path(tmp_path / config.geco.minimise)
+    best = train._BestFeasible(workdir, train._feasibility_criteria(config))
+    kept = [step for step, metrics in enumerate(evaluations, start=1)
+            if best.update(state, step, metrics)]
+    best.close()
+    assert kept == want_steps, config.geco.minimise
+    record = json.loads((workdir / "best_feasible.json").read_text())
+    assert record["step"] == want_steps[-1]
+    assert ("minimised" in record["criteria"]) == (config.geco.minimise != "kl")
+
+
 def test_best_feasible_is_dropped_when_its_evaluation_images_change(tmp_path, capsys):
   """The record names a digest of the images it was judged on: another generated
   test set (a resume with another dataset.num_test) starts a new record."""
@@ -594,3 +620,53 @@ def test_each_constraint_moves_its_multiplier_by_its_own_step_for_either_dual(du
   multiplier = geco_jax.lagrange_multiplier(state)
   np.testing.assert_allclose(multiplier["re"], np.exp(1e-2 * 2.0), rtol=1e-6)
   np.testing.assert_allclose(multiplier["kl"], np.exp(0.5 * 3.0), rtol=1e-6)
+
+
+def test_the_rate_constrained_form_minimises_the_squared_error_under_the_kl_bound(
+    tmp_path):
+  """geco.minimise='squared_error': loss = E||x - g||^2 + lambda (KL - kappa), by hand
+  at the first step (C_ma = C); trained, the KL settles at its bound."""
+  config = tiny_config(**{"geco.minimise": "squared_error", "geco.lambda_lr": 1e-2,
+                          "geco.lambda_init": 0.5, "num_steps": 300})
+  config.constraints = ml_collections.ConfigDict({"kl": {"tolerance": 3.0}})
+  setup.validate_config(config)
+  experiment = train.Experiment(config, setup.make_dataset(config), jax.devices()[:1])
+  state = experiment.initial_state()
+  batch = experiment.batch_at(0)
+  opt_state = setup.make_optimizer(config).init(state.params)
+  loss_fn = setup.make_loss_fn(config, experiment.constraint_fn)
+
+  @jax.jit
+  def loss_of(params):
+    output = setup.apply_model(experiment.model, params, batch, jax.random.PRNGKey(3))
+    loss, (constraint, _) = loss_fn({}, batch, output, opt_state, 0)
+    return loss, (constraint, output)
+
+  (loss, (constraint, output)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+      state.params["model"])
+  images, reconstruction = np.asarray(batch["image"]), np.asarray(output.reconstruction)
+  squared_error = np.mean(np.sum((images - reconstruction).reshape(len(images), -1) ** 2,
+                                 axis=1))
+  kl = np.mean(np.asarray(output.kl))
+  np.testing.assert_allclose(constraint["kl"], kl - 3.0, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(loss, squared_error + 0.5 * (kl - 3.0), rtol=1e-5)
+  # The decoder learns: the squared error's gradient reaches it (with the KL as
+  # the objective and only a KL constraint, it would get none).
+  assert any(float(jnp.abs(g).max()) > 0 for path, g in
+             jax.tree_util.tree_leaves_with_path(grads) if "'dec_" in str(path))
+
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  # KL = 3 + C_ma: at its bound, within a nat, after 300 steps.
+  assert abs(summary["constraint_ma"]["kl"]) < 1.0, summary
+  assert abs(summary["train_kl"] - 3.0) < 1.5, summary
+
+
+def test_resuming_with_the_other_geco_objective_is_refused(tmp_path):
+  (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+  config = tiny_config()
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  setup.check_workdir_matches(tiny_config(), tmp_path)
+  other = tiny_config(**{"geco.minimise": "squared_error"})
+  other.constraints = ml_collections.ConfigDict({"kl": {"tolerance": 3.0}})
+  with pytest.raises(setup.ConfigError, match=r"geco.minimise: kl there, squared_error here"):
+    setup.check_workdir_matches(other, tmp_path)
