@@ -57,7 +57,13 @@ def main(argv):
   cli.quiet_library_logs()
   cli.apply_xla_flags(config)
   if config.distributed:
-    initialize_distributed()
+    try:
+      initialize_distributed()
+    except (ValueError, RuntimeError) as e:
+      cli.fail("config.distributed=True, but jax.distributed.initialize() failed: "
+               f"{' '.join(str(e).split())}. Run under a cluster JAX detects (e.g. "
+               "SLURM), or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+               "JAX_PROCESS_ID.")
   from experiments import train
   try:
     data = setup.make_dataset(config)  # a missing dataset is reported here

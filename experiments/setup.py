@@ -79,6 +79,7 @@ DUALS = ("sgd", "pi")
 # What GECO minimises (config.geco.minimise): the paper's KL, or the squared
 # error under a KL constraint (the rate-constrained form).
 GECO_OBJECTIVES = ("kl", "squared_error")
+MAX_TOLERANCE = 1e6
 # Where the periodic evaluation and best_feasible look (config.eval_split).
 EVAL_SPLITS = ("test", "validation")
 CONSTRAINTS = ("re", "fre", "pncc", "kl", "cla")
@@ -277,8 +278,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"{geco.lambda_min}, {geco.lambda_init}, {geco.lambda_max}.")
   require(geco.dual in DUALS,
           f"config.geco.dual must be one of {DUALS}; got {geco.dual!r}.")
-  require(isinstance(geco.pi_kp, (int, float)) and geco.pi_kp >= 0,
-          f"config.geco.pi_kp must be >= 0; got {geco.pi_kp!r}.")
+  require(isinstance(geco.pi_kp, (int, float)) and not isinstance(geco.pi_kp, bool)
+          and math.isfinite(geco.pi_kp) and geco.pi_kp >= 0,
+          f"config.geco.pi_kp must be finite and >= 0; got {geco.pi_kp!r}.")
 
   require(config.objective != "geco" or len(config.constraints) >= 1,
           "config.constraints is empty: GECO needs at least one constraint.")
@@ -318,6 +320,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     tolerance = spec.get("tolerance")
     require(isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool),
             f"config.constraints.{name}.tolerance must be a number; got {tolerance!r}.")
+    # Beyond this, D * tolerance^2 (RE, FRE) overflows float32 on large images;
+    # no meaningful tolerance (an RMSE, nats, a correlation) comes near it.
+    require(math.isfinite(tolerance) and abs(tolerance) <= MAX_TOLERANCE,
+            f"config.constraints.{name}.tolerance must be finite and at most "
+            f"{MAX_TOLERANCE:g} in size; got {tolerance!r}.")
     # A tolerance that only a perfect reconstruction meets (an error of 0, a
     # correlation or a probability of 1) is never met: the multiplier would
     # only grow, to geco.lambda_max, and GECO would be a plain auto-encoder.

@@ -687,6 +687,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_metrics: dict[str, float] = {}
   step = first_step
   batches = experiment.train_batch_stream(first_step)
+  def save_checkpoint(step: int) -> None:
+    if not bool(to_host(_all_finite(state.params))):
+      raise FloatingPointError(f"non-finite parameters at step {step}; the newest "
+                               f"checkpoint (step {checkpoints.latest_step()}) is kept.")
+    checkpoints.save(step, args=ocp.args.StandardSave(state), force=True)
+
   with _StopRequest() as stop:
     try:
       for step in range(first_step + 1, config.num_steps + 1):
@@ -721,10 +727,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if step % config.image_every == 0 or last:
           writer.write_images(step, experiment.image_grids(state, step))
         if checkpoint_now:
-          if not bool(to_host(_all_finite(state.params))):
-            raise FloatingPointError(f"non-finite parameters at step {step}; the newest "
-                                     f"checkpoint (step {checkpoints.latest_step()}) is kept.")
-          checkpoints.save(step, args=ocp.args.StandardSave(state), force=True)
+          save_checkpoint(step)
         if (step % config.eval_every == 0 or step == config.num_steps) and not stop.signal:
           eval_metrics = experiment.evaluate(state, _eval_split(config),
                                              config.eval_num_examples, seed=config.seed + 1)
@@ -733,6 +736,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             logging.info("Step %d: best feasible so far (eval KL %.4g).", step,
                          eval_metrics["kl"])
         if stop.signal is not None:
+          if not checkpoint_now:   # it came during the images or the evaluation
+            save_checkpoint(step)
           break
     finally:
       batches.close()

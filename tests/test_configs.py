@@ -180,3 +180,29 @@ def test_what_geco_minimises_must_suit_its_constraints(minimise, constraints, me
   if minimise in setup.GECO_OBJECTIVES:
     config.objective = "elbo"
     setup.validate_config(config)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("re", float("inf")), ("re", 1e30), ("kl", float("inf")), ("kl", float("nan")),
+    ("fre", 2e6)])
+def test_a_tolerance_that_is_not_finite_or_overflows_is_refused(name, value):
+  """An infinite RE tolerance trained until the loss was NaN (D * kappa^2 overflows
+  float32 from about 1e17 on a 784-pixel image), and a resume wrote it into config.json."""
+  from configs import default
+  config = default.get_config()
+  config.constraints = ml_collections.ConfigDict({name: {"tolerance": value}})
+  if name == "kl":
+    config.geco.minimise = "squared_error"
+  with pytest.raises(setup.ConfigError,
+                     match=rf"constraints.{name}.tolerance must be finite and at most 1e\+06"):
+    setup.validate_config(config)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0])
+def test_the_pi_gain_is_a_finite_number(value):
+  from configs import default
+  config = default.get_config()
+  config.geco.dual = "pi"
+  config.geco.pi_kp = value
+  with pytest.raises(setup.ConfigError, match="config.geco.pi_kp must be finite and >= 0"):
+    setup.validate_config(config)

@@ -65,6 +65,10 @@ def _summary(result) -> dict:
       "--config.dataset.num_validation=50"], "left after holding out"),
     (["--config", "configs/nvp_micro_mnist.py", "--config.dataset.num_validation=1"],
      "nothing can be held out"),
+    (["--config", "configs/default.py", "--config.constraints.re.tolerance=inf"],
+     "tolerance must be finite"),
+    (["--config", "configs/default.py", "--config.distributed=True"],
+     "jax.distributed.initialize() failed"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path, args, message):
   result = _run(*args, "--workdir", str(tmp_path / "run"))

@@ -482,6 +482,25 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
   manager.close()
 
 
+def test_a_signal_during_an_evaluation_still_saves_the_step(tmp_path, monkeypatch):
+  """SIGTERM while evaluating a step that is not a checkpoint step: it used to
+  stop the run with nothing saved since the last checkpoint."""
+  evaluate = train.Experiment.evaluate
+
+  def evaluate_then_signal(self, *args, **kwargs):
+    metrics = evaluate(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)   # as if it came during the evaluation
+    return metrics
+
+  monkeypatch.setattr(train.Experiment, "evaluate", evaluate_then_signal)
+  config = tiny_config(num_steps=12, eval_every=3, checkpoint_every=100)
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary["interrupted"] and summary["step"] == 3
+  manager = ocp.CheckpointManager(tmp_path / "checkpoints")
+  assert manager.all_steps() == [3]
+  manager.close()
+
+
 _EQUIVALENCE = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
