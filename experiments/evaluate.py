@@ -90,6 +90,10 @@ def load_run_config(workdir: str):
   A field the run's config.json lacks (it was added to ``configs/base.py``
   after the run, e.g. ``data_on_device``) takes its default there, which is
   what the run did before the field existed.
+
+  Raises:
+    FileNotFoundError: ``workdir`` has no config.json.
+    setup.ConfigError: its config.json is damaged (not a JSON object).
   """
   import ml_collections
   from etils import epath
@@ -108,8 +112,16 @@ def load_run_config(workdir: str):
                   and isinstance(out.get(key), dict) else value)
     return out
 
-  return ml_collections.ConfigDict(
-      merged(base.get_config().to_dict(), json.loads(path.read_text())))
+  from experiments import setup
+
+  try:
+    stored = json.loads(path.read_text())
+  except ValueError as error:   # truncated or not JSON
+    raise setup.ConfigError(f"{path} is not a readable config ({error}); was the "
+                            "run's config.json damaged?") from None
+  if not isinstance(stored, dict):
+    raise setup.ConfigError(f"{path} holds no config (a JSON object); was it damaged?")
+  return ml_collections.ConfigDict(merged(base.get_config().to_dict(), stored))
 
 
 def _batches(arrays: dict, batch_size: int):
@@ -132,6 +144,8 @@ def _measured_config(config, measure_constraints: dict):
 
   measured = ml_collections.ConfigDict(config.to_dict())
   measured.constraints = ml_collections.ConfigDict(measure_constraints)
+  # Measured, not trained under: what GECO minimises does not constrain them.
+  measured.objective = "elbo"
   setup.require(len(measured.constraints) >= 1,
                 "--measure_with: that config has no constraints to measure.")
   setup.validate_config(measured)

@@ -58,6 +58,7 @@ import io
 import json
 import math
 import os
+import sys
 from typing import Any
 
 from absl import app
@@ -316,17 +317,24 @@ def main(argv):
   try:
     for variant in variants(config, tolerances).values():
       setup.validate_config(variant)
+    setup.prepare_workdir(cli.WORKDIR.value)
   except setup.ConfigError as e:
     cli.fail(str(e))
   cli.quiet_library_logs()
   cli.apply_xla_flags(config)
+  from experiments import train
   try:
     rows = run(config, cli.WORKDIR.value, tolerances, _MATCH_ELBO.value,
                only=tuple(_VARIANTS.value), match_split=_MATCH_SPLIT.value,
                num_train=evaluate.NUM_TRAIN.value,
                num_marginal=evaluate.NUM_MARGINAL.value)
-  except setup.ConfigError as e:
-    cli.fail(str(e))
+  except (setup.ConfigError, FileNotFoundError) as e:
+    cli.fail(" ".join(str(e).split()))
+  except train.CheckpointError as e:
+    cli.fail(" ".join(str(e).split()), abandon_threads=True)
+  except FloatingPointError as e:  # a variant diverged: reported, its checkpoints kept
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   print(markdown_table(rows))
 
 

@@ -65,6 +65,18 @@ def dataset_name(config: ml_collections.ConfigDict) -> str:
   return config.dataset.get("name", "mnist")
 
 
+# Every field a classifier config may set (configs/mnist_classifier.py and
+# configs/cifar10_classifier.py), with a section's own fields.
+CONFIG_FIELDS = {
+    "seed": (), "batch_size": (), "eval_batch_size": (), "num_epochs": (),
+    "learning_rate": (), "learning_rate_schedule": (), "weight_decay": (),
+    "min_accuracy": (),
+    "dataset": ("name", "source", "data_dir", "num_train", "num_test"),
+    "model": ("features", "hidden_size", "convs_per_block"),
+    "augment": ("flip", "crop_padding"),
+}
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raise ``experiments.setup.ConfigError`` for the first field that makes no sense."""
   # Imported here, as in experiments.main, so that --help and flag errors do
@@ -76,6 +88,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+  # A misspelt field would otherwise be ignored and its default used.
+  for key in config.keys():
+    require(key in CONFIG_FIELDS,
+            f"config.{key}: unknown field; known: {sorted(CONFIG_FIELDS)}.")
+    section = config[key]
+    if CONFIG_FIELDS[key] and isinstance(section, ml_collections.ConfigDict):
+      for sub in section.keys():
+        require(sub in CONFIG_FIELDS[key],
+                f"config.{key}.{sub}: unknown field; known: {sorted(CONFIG_FIELDS[key])}.")
 
   def positive_int(value, name: str) -> None:
     require(is_int(value) and value >= 1,

@@ -550,6 +550,24 @@ def test_bad_cifar_config_is_refused(overrides, message):
     train_classifier.validate_config(_cifar_config(**overrides))
 
 
+def test_a_misspelt_field_in_a_classifier_config_file_is_refused():
+  """A config file can add any key (the command line cannot): a typo such as
+  num_epoch would otherwise train with the default num_epochs."""
+  from experiments import setup
+  from experiments import train_classifier
+  for section, key in ((None, "num_epoch"), ("dataset", "num_trian"), ("augment", "flips")):
+    config = _cifar_config()
+    with config.unlocked():
+      (config if section is None else config[section])[key] = 5
+    name = key if section is None else f"{section}.{key}"
+    with pytest.raises(setup.ConfigError, match=rf"config.{name}: unknown field; known:"):
+      train_classifier.validate_config(config)
+  # Both shipped configs hold only known fields.
+  from configs import mnist_classifier
+  train_classifier.validate_config(mnist_classifier.get_config())
+  train_classifier.validate_config(_cifar_config())
+
+
 def test_config_picks_the_classifier_of_its_dataset():
   from configs import mnist_classifier
   from experiments import train_classifier

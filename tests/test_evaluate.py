@@ -220,6 +220,25 @@ def test_evaluate_measures_another_configs_constraints(tiny_run):
                           measure_constraints={"re": {"tolerance": -1.0}})
 
 
+def test_measure_with_is_not_held_to_the_rules_of_training_under_constraints(tiny_run):
+  """A KL bound alone may be measured on a run that minimised the KL (training
+  under it alone would leave the decoder untrained, and is refused)."""
+  workdir, _ = tiny_run
+  result = evaluate.evaluate_run(str(workdir), num_train=64, num_marginal=0,
+                                 measure_constraints={"kl": {"tolerance": 5.0}})
+  assert result["measured_constraints"]["kl"] == pytest.approx(
+      result["average_kl"] - 5.0, rel=1e-4, abs=1e-4)
+
+
+def test_a_damaged_config_json_is_a_config_error(tmp_path):
+  from experiments import setup
+
+  for text in ('{"seed": 0, "dataset": {"na', "[1, 2]", ""):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(setup.ConfigError, match="config.json.*damaged"):
+      evaluate.load_run_config(str(tmp_path))
+
+
 def test_measure_with_a_missing_config_is_one_line_and_status_2(tiny_run):
   workdir, _ = tiny_run
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -245,6 +264,20 @@ def test_evaluate_bad_input_is_one_line_and_status_2(tmp_path, args, message):
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+
+
+def test_information_plane_workdir_that_is_a_file_is_one_line_and_status_2(tmp_path):
+  (tmp_path / "a_file").write_text("mine")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run([sys.executable, "-m", "experiments.information_plane",
+                           "--config", "configs/default.py", "--workdir",
+                           str(tmp_path / "a_file")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "a_file" in lines[0], result.stderr[-2000:]
+  assert (tmp_path / "a_file").read_text() == "mine"
 
 
 def test_information_plane_variants():
