@@ -11,6 +11,7 @@ stderr and exit status 2, before anything is compiled.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app
@@ -26,8 +27,6 @@ def initialize_distributed() -> None:
   ids itself; elsewhere set ``JAX_COORDINATOR_ADDRESS`` (host:port of process
   0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` on every host.
   """
-  import os
-
   import jax
 
   env = os.environ
@@ -74,6 +73,12 @@ def main(argv):
   except FloatingPointError as e:  # Diverged: reported, the checkpoints kept.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except KeyboardInterrupt:  # a second SIGTERM / SIGINT: stop now, unsaved
+    print("error: stopped by a second signal, without saving this step; the newest "
+          "complete checkpoint is kept, and the run resumes from it.",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)  # pylint: disable=protected-access  (orbax's threads would print)
   print("final: " + json.dumps(summary, sort_keys=True), flush=True)
 
 

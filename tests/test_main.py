@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -78,6 +79,31 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path, args, message):
   assert message in lines[0]
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "run").exists(), "nothing is written for a bad config"
+
+
+def test_a_second_signal_is_one_line_and_exit_status_130(tmp_path):
+  """The second SIGTERM / SIGINT stops at once (the trainer raises KeyboardInterrupt
+  from its handler): one line, no traceback, status 130 as for a shell's Ctrl-C."""
+  script = textwrap.dedent("""
+      import sys
+      from absl import app
+      from experiments import cli, main, train
+      def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+      train.train_and_evaluate = interrupted
+      cli.require("config", "workdir")
+      app.run(main.main, flags_parser=cli.parse_flags)
+  """)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run(
+      [sys.executable, "-c", script, "--config", "configs/default.py", "--workdir",
+       str(tmp_path / "run"), "--config.dataset.num_train=64", "--config.dataset.num_test=16"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 130, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: stopped by a second signal"), result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
 
 
 def test_an_unknown_field_in_a_config_file_is_an_error(tmp_path):
