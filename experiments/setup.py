@@ -695,9 +695,10 @@ def make_loss_fn(config: ml_collections.ConfigDict, constraint_fn):
                "gaussian_nll": objectives.optimal_sigma_nll(images, output.reconstruction)}
     if objective == "geco":
       if config.geco.minimise == "squared_error":
-        # Rate-constrained: min E||x - g(z)||^2 subject to KL <= tolerance.
-        minimised = jnp.mean(jnp.sum(jnp.square(images - output.reconstruction)
-                                     .reshape(images.shape[0], -1), axis=1))
+        # Rate-constrained: min E||x - g(z)||^2 subject to KL <= tolerance
+        # (||x - g||^2 per example is RE's constraint at tolerance 0).
+        minimised = jnp.mean(constraints_lib.reconstruction_error(
+            images, output.reconstruction, 0.0))
       else:
         minimised = kl  # the paper's GECO: min KL subject to the constraints
       loss = geco_jax.lagrangian(minimised, constraint, opt_state)
