@@ -687,7 +687,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_metrics: dict[str, float] = {}
   step = first_step
   batches = experiment.train_batch_stream(first_step)
-  def save_checkpoint(step: int) -> None:
+
+  def save_checkpoint(step: int, state: TrainState) -> None:
     if not bool(to_host(_all_finite(state.params))):
       raise FloatingPointError(f"non-finite parameters at step {step}; the newest "
                                f"checkpoint (step {checkpoints.latest_step()}) is kept.")
@@ -727,7 +728,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if step % config.image_every == 0 or last:
           writer.write_images(step, experiment.image_grids(state, step))
         if checkpoint_now:
-          save_checkpoint(step)
+          save_checkpoint(step, state)
         if (step % config.eval_every == 0 or step == config.num_steps) and not stop.signal:
           eval_metrics = experiment.evaluate(state, _eval_split(config),
                                              config.eval_num_examples, seed=config.seed + 1)
@@ -737,7 +738,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                          eval_metrics["kl"])
         if stop.signal is not None:
           if not checkpoint_now:   # it came during the images or the evaluation
-            save_checkpoint(step)
+            save_checkpoint(step, state)
           break
     finally:
       batches.close()
