@@ -1,4 +1,5 @@
-"""What every experiment's command line shares: the flags, one-line errors, quiet logs.
+"""What every experiment's command line shares: the flags, one-line errors, quiet logs,
+and what a signal does.
 
 ``--config`` (an ml_collections config file, locked, with ``--config.x=y``
 overrides) and ``--workdir`` are defined here once, so experiments can be
@@ -10,13 +11,17 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import signal
 import sys
+import threading
+from typing import Callable, Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow only writes summaries here; without this, importing it prints a
 # note about oneDNN on every run (tensorflow-cpu 2.21), whatever the log level.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 import ml_collections  # noqa: E402
@@ -130,3 +135,105 @@ def apply_xla_flags(config: ml_collections.ConfigDict) -> None:
                     config.xla_flags)
     return
   os.environ["XLA_FLAGS"] = " ".join(wanted + current)
+
+
+class Interrupted(Exception):
+  """A program stopped by SIGTERM / SIGINT at a point where it saved what it had.
+
+  ``signum``: the signal (the exit status is 128 + it), or None if not known.
+  """
+
+  def __init__(self, message: str, signum: Optional[int] = None):
+    super().__init__(message)
+    self.signum = signum
+
+  @property
+  def exit_status(self) -> int:
+    return 128 + (self.signum if self.signum is not None else signal.SIGINT)
+
+
+def signal_name(signum: Optional[int]) -> str:
+  return signal.Signals(signum).name if signum is not None else "a signal"
+
+
+class StopRequest:
+  """SIGTERM / SIGINT set a flag that a long program reads at safe points.
+
+  Python's own SIGINT handler raises ``KeyboardInterrupt`` wherever the main
+  thread happens to be; raised inside a garbage-collection callback (JAX
+  registers one) it is printed and ignored, and the program goes on as if
+  nothing had come. Entered for the whole of a program (``run(main,
+  stop=StopRequest())``), a signal is never lost: one that comes while the
+  program loads its config, its data or compiles is seen at the next check
+  (``requested``), and the training loop saves the step it is on and stops. A
+  second signal raises ``KeyboardInterrupt``: stop at once. Only the main
+  thread can install handlers; elsewhere this does nothing.
+  """
+
+  def __init__(self):
+    self.signal: Optional[int] = None
+    self._previous: dict = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.signal is not None
+
+  def raise_if_requested(self, when: str) -> None:
+    """``Interrupted`` ("stopped by SIGINT <when>") if a signal has come."""
+    if self.signal is not None:
+      raise Interrupted(f"stopped by {signal_name(self.signal)} {when}", self.signal)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None:  # a second signal: stop now
+      raise KeyboardInterrupt
+    self.signal = signum
+    logging.warning("Received %s: stopping at the next safe point (a training run "
+                    "saves the step it is on).", signal.Signals(signum).name)
+
+  def __exit__(self, *exc_info):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+
+def _exit_now(message: str, status: int) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(status)  # pylint: disable=protected-access  (orbax's threads would print)
+
+
+def run(main: Callable, *, stop: Optional[StopRequest] = None) -> None:
+  """``absl.app.run(main)`` with this module's flag parsing, and signals in one line.
+
+  With ``stop``, its handlers are installed before the flags (and the config
+  file) are parsed, so that no SIGTERM / SIGINT is lost; ``main`` reads it.
+  ``Interrupted`` from ``main`` is one line on stderr and exit status 128 +
+  the signal; ``KeyboardInterrupt`` (Ctrl-C without ``stop``, or a second
+  signal with it) one line and exit status 130, without a traceback.
+  """
+
+  def guarded(argv):
+    try:
+      main(argv)
+    except Interrupted as e:
+      print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+      sys.exit(e.exit_status)
+
+  try:
+    if stop is None:
+      app.run(guarded, flags_parser=parse_flags)
+    else:
+      with stop:
+        app.run(guarded, flags_parser=parse_flags)
+  except KeyboardInterrupt:
+    if stop is None:
+      _exit_now("interrupted (SIGINT); what was written before is kept.", 130)
+    _exit_now("stopped by a second signal, without saving what was in flight; what was "
+              "saved before is kept.", 130)

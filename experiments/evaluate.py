@@ -51,7 +51,6 @@ import sys
 from typing import Any, Optional
 
 import numpy as np
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -496,4 +495,4 @@ def main(argv):
 
 if __name__ == "__main__":
   cli.require("workdir")
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -61,13 +61,14 @@ import os
 import sys
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 
 from experiments import cli
 from experiments import evaluate  # its --num_train / --num_marginal flags too
 
+# Entered by cli.run before the flags are parsed: no signal is lost (see cli.StopRequest).
+STOP = cli.StopRequest()
 _TOLERANCES = flags.DEFINE_list("tolerances", ["0.06", "0.08", "0.1"],
                                 "RE tolerances (per-pixel RMSE) of the GECO variants.")
 _MATCH_ELBO = flags.DEFINE_bool("match_elbo", False,
@@ -256,9 +257,15 @@ def plot(rows, trajectories, outdir: str) -> None:
 
 
 def run(config, workdir: str, tolerances, match_elbo: bool, only=(), match_split="train",
-        **eval_kwargs):
+        stop=None, **eval_kwargs):
   """Train (or collect) every variant (or those in ``only``), evaluate, write the
-  tables and plots."""
+  tables and plots.
+
+  A variant interrupted by SIGTERM / SIGINT (its step saved) ends the whole run
+  with ``cli.Interrupted``, before anything is evaluated or written of it: a
+  GECO target must not come from an unfinished ELBO. ``stop``: the program's
+  ``cli.StopRequest``, which is also read between variants.
+  """
   from etils import epath
 
   from experiments import setup
@@ -275,13 +282,23 @@ def run(config, workdir: str, tolerances, match_elbo: bool, only=(), match_split
     todo.pop(name)
     run_dir = os.path.join(workdir, name)
     logging.info("Variant %s -> %s", name, run_dir)
-    summary = train.train_and_evaluate(variant, run_dir, data=data)
+    summary = train.train_and_evaluate(variant, run_dir, data=data, stop=stop)
+    if summary["interrupted"]:
+      raise cli.Interrupted(
+          f"stopped by {cli.signal_name(stop.signal if stop else None)} during variant "
+          f"{name} at step {summary['step']}, which is saved; the same command resumes "
+          "it and collects the variants already trained. No table was written.",
+          stop.signal if stop else None)
     evaluation = (evaluate.stored_evaluation(run_dir, summary.get("step"), **eval_kwargs)
                   or evaluate.evaluate_run(run_dir, **eval_kwargs))
     rows.append(_row(name, variant, summary, evaluation))
     trajectories[name] = read_scalars(run_dir, ("lambda/re", "constraint_ma/re", "kl",
                                                 "rmse", "sigma"))
     done.add(name)
+    if stop is not None:
+      stop.raise_if_requested(
+          f"after variant {name} (trained and evaluated); the same command collects the "
+          "variants already trained and goes on with the rest. No table was written.")
     if name == "elbo" and match_elbo:
       target = matched_target(evaluation, match_split)
       todo.update({k: v for k, v in variants(config, (), target).items()
@@ -325,7 +342,7 @@ def main(argv):
   from experiments import train
   try:
     rows = run(config, cli.WORKDIR.value, tolerances, _MATCH_ELBO.value,
-               only=tuple(_VARIANTS.value), match_split=_MATCH_SPLIT.value,
+               only=tuple(_VARIANTS.value), match_split=_MATCH_SPLIT.value, stop=STOP,
                num_train=evaluate.NUM_TRAIN.value,
                num_marginal=evaluate.NUM_MARGINAL.value)
   except (setup.ConfigError, FileNotFoundError) as e:
@@ -340,4 +357,4 @@ def main(argv):
 
 if __name__ == "__main__":
   cli.require("config", "workdir")
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, stop=STOP)

@@ -6,6 +6,11 @@ r"""Train a VAE with GECO from an ml_collections config.
 A config that does not exist, an override of a key that does not exist, a
 value of the wrong type or a value that makes no sense ends with one line on
 stderr and exit status 2, before anything is compiled.
+
+SIGTERM or Ctrl-C during training saves the step in flight and exits 0 with
+``"interrupted": true`` in the summary; before training began (the config,
+the data, the first compile), it stops there with one line and exit status
+128 + the signal, nothing written; a second signal stops at once (exit 130).
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ import json
 import os
 import sys
 
-from absl import app
 from absl import logging
 
 from experiments import cli
+
+# Entered by cli.run before the flags are parsed: no signal is lost (see cli.StopRequest).
+STOP = cli.StopRequest()
 
 
 def initialize_distributed() -> None:
@@ -53,6 +60,7 @@ def main(argv):
     setup.check_workdir_matches(config, cli.WORKDIR.value)
   except setup.ConfigError as e:
     cli.fail(str(e))
+  STOP.raise_if_requested("before training began; nothing was written.")
   cli.quiet_library_logs()
   cli.apply_xla_flags(config)
   if config.distributed:
@@ -67,7 +75,7 @@ def main(argv):
   try:
     data = setup.make_dataset(config)  # a missing dataset is reported here
     logging.info("Config:\n%s", config)
-    summary = train.train_and_evaluate(config, cli.WORKDIR.value, data=data)
+    summary = train.train_and_evaluate(config, cli.WORKDIR.value, data=data, stop=STOP)
   except (setup.ConfigError, train.CheckpointError) as e:
     cli.fail(" ".join(str(e).split()))
   except FloatingPointError as e:  # Diverged: reported, the checkpoints kept.
@@ -84,4 +92,4 @@ def main(argv):
 
 if __name__ == "__main__":
   cli.require("config", "workdir")
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, stop=STOP)

@@ -24,12 +24,13 @@ import json
 import os
 
 import numpy as np
-from absl import app
 from absl import flags
 from absl import logging
 
 from experiments import cli
 
+# Entered by cli.run before the flags are parsed: no signal is lost (see cli.StopRequest).
+STOP = cli.StopRequest()
 _CLASSIFIER = flags.DEFINE_string("classifier", "runs/mnist_classifier/classifier",
                                   "The MNIST classifier of the CLA variant.")
 _CLA_TOLERANCE = flags.DEFINE_float("cla_tolerance", 0.9,
@@ -122,7 +123,12 @@ def main(argv):
   summaries, samples = {}, {}
   for name, variant in todo.items():
     run_dir = os.path.join(workdir, name)
-    summary = train.train_and_evaluate(variant, run_dir, data=data[name])
+    summary = train.train_and_evaluate(variant, run_dir, data=data[name], stop=STOP)
+    if summary["interrupted"]:
+      raise cli.Interrupted(
+          f"stopped by {cli.signal_name(STOP.signal)} during variant {name} at step "
+          f"{summary['step']}, which is saved; the same command resumes it and collects "
+          "the variants already trained. No figure was written.", STOP.signal)
     summaries[name] = {k: summary.get(k) for k in ("step", "eval", "lambda", "satisfied",
                                                    "sigma", "seconds", "total_seconds")}
     samples[name] = posterior_samples(run_dir, _NUM_SAMPLES.value)
@@ -135,4 +141,4 @@ def main(argv):
 
 if __name__ == "__main__":
   cli.require("config", "workdir")
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, stop=STOP)

@@ -43,15 +43,14 @@ coordinates the checkpoint itself).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -71,6 +70,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 import geco_jax
+from experiments import cli
 from experiments import setup
 from geco_jax.constraints import per_pixel_rmse
 from geco_jax.data import DeviceEpochBatcher
@@ -430,32 +430,6 @@ def _restore_newest(manager: ocp.CheckpointManager, target: TrainState,
   return None
 
 
-class _StopRequest:
-  """SIGTERM / SIGINT set a flag the loop reads between steps (main thread only)."""
-
-  def __init__(self):
-    self.signal: Optional[int] = None
-    self._previous = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signal is not None:  # a second signal: stop now
-      raise KeyboardInterrupt
-    self.signal = signum
-    logging.warning("Received %s: saving a checkpoint and stopping.",
-                    signal.Signals(signum).name)
-
-  def __exit__(self, *exc_info):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
 def _feasibility_criteria(config: ml_collections.ConfigDict,
                           eval_images: Optional[np.ndarray] = None) -> dict:
   """What decides whether a state is feasible: the constraints (but their
@@ -630,12 +604,20 @@ def _add_seconds(workdir, seconds: float) -> float:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices=None, data: Optional[dict] = None) -> dict[str, Any]:
+                       devices=None, data: Optional[dict] = None,
+                       stop: Optional[cli.StopRequest] = None) -> dict[str, Any]:
   """Train, log and checkpoint into ``workdir``; return the final summary.
 
   A run started again in the same workdir resumes from its newest checkpoint.
   ``data`` is ``setup.make_dataset(config)`` (loaded here when not given);
   ``devices`` those of the mesh (default: all).
+
+  SIGTERM / SIGINT during training: the step in flight is finished and saved,
+  and the summary says ``"interrupted": True``. ``stop``: a ``cli.StopRequest``
+  the caller has entered (a program's, from its start: see ``cli.run``); by
+  default one is entered around the training loop only. With a caller's, a
+  signal that came before training began raises ``cli.Interrupted`` instead,
+  before the workdir is written or, if it came later, before the first step.
 
   Raises:
     setup.ConfigError: a config or dataset problem, a workdir that cannot be
@@ -643,7 +625,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       or model arguments that the model itself rejects.
     CheckpointError: the workdir has checkpoints and none restores.
     FloatingPointError: ``max_consecutive_nonfinite`` skipped updates in a row.
+    cli.Interrupted: (with ``stop``) a signal came before training began.
   """
+  own_stop = stop is None
+  stop = cli.StopRequest() if own_stop else stop
   setup.validate_config(config)
   started = time.time()
   workdir = epath.Path(os.path.abspath(workdir))  # orbax needs absolute paths
@@ -657,6 +642,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise setup.ConfigError(
         f"config.model: the {config.model.name} model cannot be built: "
         f"{type(e).__name__}: {' '.join(str(e).split())}") from None
+  stop.raise_if_requested(f"before training began; nothing was written to {workdir}.")
   setup.prepare_workdir(workdir)   # nothing is written for a config that fails above
   checkpoints = ocp.CheckpointManager(
       workdir / "checkpoints",
@@ -694,8 +680,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                f"checkpoint (step {checkpoints.latest_step()}) is kept.")
     checkpoints.save(step, args=ocp.args.StandardSave(state), force=True)
 
-  with _StopRequest() as stop:
+  with (stop if own_stop else contextlib.nullcontext()):
     try:
+      if not own_stop:   # (a signal before the loop: only a caller's can have it)
+        stop.raise_if_requested(
+            "before training began; no checkpoint was written"
+            + (f" (the newest, of step {first_step}, is kept)." if first_step else "."))
       for step in range(first_step + 1, config.num_steps + 1):
         state, metrics = experiment.step_fn(state, next(batches))
         pending.append(metrics)

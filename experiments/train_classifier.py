@@ -35,7 +35,6 @@ import sys
 import time
 from typing import Any
 
-from absl import app
 from absl import logging
 import ml_collections
 
@@ -499,4 +498,4 @@ def main(argv):
 
 if __name__ == "__main__":
   cli.require("config", "workdir")
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -3,12 +3,14 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from experiments import cli
 from experiments import evaluate
 from experiments import information_plane
 from experiments import train
@@ -335,6 +337,40 @@ def test_information_plane_reads_the_trajectories_and_plots(tiny_run, tmp_path):
   information_plane.plot([row], {"geco_re_0.1": series}, str(tmp_path))
   assert (tmp_path / "information_plane.png").exists()
   assert (tmp_path / "figure3.png").exists()
+
+
+def test_an_interrupted_variant_ends_the_information_plane_before_any_table(
+    tmp_path, monkeypatch):
+  """A signal during the ELBO's training used to be a summary like any other:
+  the unfinished ELBO was evaluated, tabled and (with --match_elbo) set GECO's
+  target, and the next variant trained under a trainer that had forgotten
+  the signal. Now the run stops with its step saved, and the same call
+  resumes it and goes on."""
+  config = tiny_config(num_steps=6, eval_every=3, checkpoint_every=100)
+  experiment_evaluate = train.Experiment.evaluate
+  calls = []
+
+  def evaluate_then_signal(self, *args, **kwargs):
+    metrics = experiment_evaluate(self, *args, **kwargs)
+    calls.append(1)
+    if len(calls) == 1:
+      os.kill(os.getpid(), signal.SIGTERM)   # as if it came during the evaluation
+    return metrics
+
+  monkeypatch.setattr(train.Experiment, "evaluate", evaluate_then_signal)
+  only = ("elbo", "geco_re_0.1")
+  stop = cli.StopRequest()
+  with stop, pytest.raises(cli.Interrupted, match="by SIGTERM during variant elbo at "
+                           "step 3, which is saved") as e:
+    information_plane.run(config, str(tmp_path), [0.1], match_elbo=False, only=only,
+                          stop=stop, num_train=32, num_marginal=0)
+  assert e.value.exit_status == 128 + signal.SIGTERM
+  assert sorted(os.listdir(tmp_path)) == ["elbo"], "no other variant, no table"
+  rows = information_plane.run(config, str(tmp_path), [0.1], match_elbo=False, only=only,
+                               stop=cli.StopRequest(), num_train=32, num_marginal=0)
+  assert [row["variant"] for row in rows] == ["elbo", "geco_re_0.1"]
+  assert all(row["steps"] == 6 for row in rows)
+  assert (tmp_path / "results.csv").exists()
 
 
 def test_micro_mnist_variants_from_a_locked_config(tmp_path):

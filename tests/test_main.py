@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import textwrap
@@ -266,3 +267,49 @@ def test_re_and_cla_constraints_train_together(tmp_path):
   summary = _summary(result)
   assert set(summary["lambda"]) == {"re", "cla"}
   assert {"constraint/re", "constraint/cla"} <= set(summary["eval"])
+
+
+def test_a_signal_before_training_stops_there_in_one_line_writing_nothing(tmp_path):
+  """A SIGINT while the data loads used to be a KeyboardInterrupt wherever it
+  landed: reported as "a second signal", a traceback, or (inside JAX's gc
+  callback) ignored, the run going on. Now the program's StopRequest keeps it
+  and the run stops before writing its workdir: one line, status 128 + 2."""
+  script = textwrap.dedent("""
+      import os, signal
+      from experiments import cli, main, setup
+      make_dataset = setup.make_dataset
+      def make_dataset_then_signal(config):
+        data = make_dataset(config)
+        os.kill(os.getpid(), signal.SIGINT)   # as if Ctrl-C came while it loaded
+        return data
+      setup.make_dataset = make_dataset_then_signal
+      cli.require("config", "workdir")
+      cli.run(main.main, stop=main.STOP)
+  """)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run(
+      [sys.executable, "-c", script, "--config", "configs/default.py", "--workdir",
+       str(tmp_path / "run"), "--config.dataset.num_train=64", "--config.dataset.num_test=16"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 128 + signal.SIGINT, result.stderr[-2000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+  assert errors == [f"error: stopped by SIGINT before training began; nothing was "
+                    f"written to {tmp_path / 'run'}."], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_in_a_program_without_a_stop_request_is_one_line(tmp_path):
+  script = textwrap.dedent("""
+      from experiments import cli, evaluate
+      def interrupted(argv):
+        raise KeyboardInterrupt
+      cli.require("workdir")
+      cli.run(interrupted)
+  """)
+  result = subprocess.run([sys.executable, "-c", script, "--workdir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 130, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines() == [
+      "error: interrupted (SIGINT); what was written before is kept."]

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default as default_config
+from experiments import cli
 from experiments import setup
 from experiments import train
 
@@ -498,6 +499,37 @@ def test_a_signal_during_an_evaluation_still_saves_the_step(tmp_path, monkeypatc
   assert summary["interrupted"] and summary["step"] == 3
   manager = ocp.CheckpointManager(tmp_path / "checkpoints")
   assert manager.all_steps() == [3]
+  manager.close()
+
+
+def test_a_signal_before_training_raises_interrupted_and_keeps_the_checkpoints(
+    tmp_path, monkeypatch):
+  """With a program's StopRequest, a signal that came before the first step
+  stops there: nothing written before the workdir is prepared, and after it
+  (during the restore) no checkpoint, the newest kept."""
+  config = tiny_config(num_steps=4)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  stop = cli.StopRequest()   # not entered: its flag is set by hand below
+  stop.signal = signal.SIGTERM
+  with pytest.raises(cli.Interrupted, match="before training began; nothing was written") as e:
+    train.train_and_evaluate(tiny_config(num_steps=8), str(tmp_path / "new"), stop=stop)
+  assert e.value.exit_status == 128 + signal.SIGTERM
+  assert not (tmp_path / "new").exists()
+
+  stop = cli.StopRequest()
+  restore_newest = train._restore_newest
+
+  def restore_then_signal(*args):
+    restored = restore_newest(*args)
+    stop.signal = signal.SIGTERM    # as if it came during the restore
+    return restored
+
+  monkeypatch.setattr(train, "_restore_newest", restore_then_signal)
+  with pytest.raises(cli.Interrupted, match=r"no checkpoint was written \(the newest, of "
+                     r"step 4, is kept\)"):
+    train.train_and_evaluate(tiny_config(num_steps=8), str(tmp_path / "run"), stop=stop)
+  manager = ocp.CheckpointManager(tmp_path / "run" / "checkpoints")
+  assert manager.all_steps() == [4]
   manager.close()
 
 
