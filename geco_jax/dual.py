@@ -123,6 +123,21 @@ def pi(
   theta is ``log lambda``, so the multiplier moves by
   ``learning_rate * (ki * C_ma_t + kp * Delta xi_t)`` in log space.
 
+  The proportional steps telescope. After T steps (one learning rate)::
+
+      theta_T = theta_0 - learning_rate * (ki * sum_{t<T} e_t + kp * (xi_{T-1} - xi_{-1}))
+
+  i.e. for GECO ``log lambda_T = log lambda_0 + eta ki sum_t C_ma_t + eta kp
+  (Cbar_{T-1} - Cbar_{-1})``, with ``Cbar`` the smoothed constraint and
+  ``Cbar_{-1}`` the first batch's (``init='sgd'``) or 0 (``'zeros'``): the
+  proportional term only shifts ``log lambda`` by ``eta kp`` times the
+  change of the constraint since the start, and brakes SGD's growth by at
+  most ``exp(-eta kp Cbar_{-1})`` once the constraint is met. It matters
+  only when ``eta kp |Delta C|`` is of order 1: with GECO's summed
+  constraints (an RE constraint of an image starts in the hundreds) and
+  ``eta`` = 1e-4, ``kp = 1`` moves lambda by a few percent and nuPI is
+  Algorithm 1; ``kp`` of order ``1 / (eta C_start)`` or more brakes it.
+
   Args:
     learning_rate: step size eta (> 0, finite): a float, or a pytree of the
       parameters' structure (one step size per constraint), as for ``sgd``.

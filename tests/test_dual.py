@@ -349,3 +349,25 @@ def test_pi_damps_the_oscillation_of_lambda():
   assert pi_overshoot < 0.25 * sgd_overshoot
   assert pi_variation < 0.2 * sgd_variation
   assert _settling_step(pi_log_lambdas) < 0.5 * _settling_step(sgd_log_lambdas)
+
+
+@pytest.mark.parametrize("init", ["sgd", "zeros"])
+@pytest.mark.parametrize("ema_nu", [0.0, 0.6])
+def test_pi_proportional_steps_telescope(init, ema_nu):
+  """The closed form of the docstring, from first principles: T steps of nuPI
+  sum to -lr (ki sum_t e_t + kp (xi_{T-1} - xi_{-1})), xi the EMA of e from
+  xi_{-1} = e_0 ('sgd') or 0 ('zeros'), recomputed here in float64."""
+  lr, kp, ki = 0.01, 40.0, 0.7
+  tx = dual.pi(lr, kp=kp, ki=ki, ema_nu=ema_nu, init=init)
+  errors = np.random.default_rng(5).normal(size=(30, 3)) * 20.0
+  state = tx.init(jnp.zeros(3))
+  theta = np.zeros(3)
+  for e in errors:
+    update, state = tx.update(jnp.asarray(e, jnp.float32), state)
+    theta += np.asarray(update, np.float64)
+  xi = errors[0] if init == "sgd" else np.zeros(3)
+  xi_first = xi.copy()
+  for e in errors:
+    xi = ema_nu * xi + (1 - ema_nu) * e
+  expected = -lr * (ki * errors.sum(axis=0) + kp * (xi - xi_first))
+  np.testing.assert_allclose(theta, expected, rtol=1e-4, atol=1e-5)
