@@ -58,6 +58,7 @@ def main(argv):
   try:
     setup.validate_config(config)
     setup.check_workdir_matches(config, cli.WORKDIR.value)
+    setup.check_workdir_usable(cli.WORKDIR.value)
   except setup.ConfigError as e:
     cli.fail(str(e))
   STOP.raise_if_requested("before training began; nothing was written.")

@@ -535,6 +535,28 @@ def prepare_workdir(workdir) -> None:
                       f"({e.filename or workdir}).") from None
 
 
+def check_workdir_usable(workdir) -> None:
+  """What ``prepare_workdir`` would refuse, found without writing anything.
+
+  For a command line to fail in its first second rather than after loading
+  data and building the model; ``prepare_workdir`` still checks by writing.
+
+  Raises:
+    ConfigError: ``workdir`` is a file or lies under one, or the directory it
+      would be made in cannot be written.
+  """
+  path = pathlib.Path(os.path.abspath(workdir))
+  for part in [path, *path.parents]:
+    if part.exists():
+      if not part.is_dir():
+        where = "is a file" if part == path else f"lies under a file, {part}"
+        raise ConfigError(f"--workdir {workdir} cannot be used: it {where}.")
+      if not os.access(part, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir {workdir} cannot be used: Permission denied "
+                          f"({part}).")
+      return
+
+
 def check_workdir_matches(config: ml_collections.ConfigDict, workdir) -> None:
   """Refuses a workdir whose checkpoints belong to a run of another model.
 

@@ -151,6 +151,25 @@ def test_a_workdir_that_cannot_be_written_is_a_config_error(tmp_path):
   assert (tmp_path / "new" / "run").is_dir() and not list((tmp_path / "new" / "run").iterdir())
 
 
+def test_an_unusable_workdir_is_found_before_anything_loads(tmp_path):
+  """check_workdir_usable refuses what prepare_workdir would, without writing;
+  experiments.main then fails with one line, before the data or the model (it
+  used to print the config and load the data first)."""
+  from experiments import setup
+  (tmp_path / "a_file").write_text("not a directory")
+  for workdir, reason in ((tmp_path / "a_file", "it is a file"),
+                          (tmp_path / "a_file" / "run", f"it lies under a file, {tmp_path / 'a_file'}")):
+    with pytest.raises(setup.ConfigError, match=f"--workdir {workdir} cannot be used: {reason}"):
+      setup.check_workdir_usable(workdir)
+  setup.check_workdir_usable(tmp_path / "new" / "run")
+  setup.check_workdir_usable(tmp_path)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"], "nothing is written"
+  result = _run("--config", "configs/default.py", "--workdir", str(tmp_path / "a_file"))
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines() == [
+      f"error: --workdir {tmp_path / 'a_file'} cannot be used: it is a file."]
+
+
 def test_missing_workdir_is_an_error(tmp_path):
   result = _run("--config", "configs/default.py")
   assert result.returncode == 2
