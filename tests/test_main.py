@@ -82,25 +82,28 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path, args, message):
   assert not (tmp_path / "run").exists(), "nothing is written for a bad config"
 
 
+def _run_main_script(script: str, workdir) -> subprocess.CompletedProcess:
+  """``script`` (which ends by running experiments.main) with a tiny default config."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run(
+      [sys.executable, "-c", script, "--config", "configs/default.py", "--workdir",
+       str(workdir), "--config.dataset.num_train=64", "--config.dataset.num_test=16"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_a_second_signal_is_one_line_and_exit_status_130(tmp_path):
   """The second SIGTERM / SIGINT stops at once (the trainer raises KeyboardInterrupt
   from its handler): one line, no traceback, status 130 as for a shell's Ctrl-C."""
   script = textwrap.dedent("""
-      import sys
-      from absl import app
       from experiments import cli, main, train
       def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
       train.train_and_evaluate = interrupted
       cli.require("config", "workdir")
-      app.run(main.main, flags_parser=cli.parse_flags)
+      cli.run(main.main, stop=main.STOP)
   """)
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  result = subprocess.run(
-      [sys.executable, "-c", script, "--config", "configs/default.py", "--workdir",
-       str(tmp_path / "run"), "--config.dataset.num_train=64", "--config.dataset.num_test=16"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  result = _run_main_script(script, tmp_path / "run")
   assert result.returncode == 130, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()
   assert lines[-1].startswith("error: stopped by a second signal"), result.stderr[-2000:]
@@ -305,12 +308,7 @@ def test_a_signal_before_training_stops_there_in_one_line_writing_nothing(tmp_pa
       cli.require("config", "workdir")
       cli.run(main.main, stop=main.STOP)
   """)
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  result = subprocess.run(
-      [sys.executable, "-c", script, "--config", "configs/default.py", "--workdir",
-       str(tmp_path / "run"), "--config.dataset.num_train=64", "--config.dataset.num_test=16"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  result = _run_main_script(script, tmp_path / "run")
   assert result.returncode == 128 + signal.SIGINT, result.stderr[-2000:]
   errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
   assert errors == [f"error: stopped by SIGINT before training began; nothing was "
