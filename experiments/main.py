@@ -8,9 +8,10 @@ value of the wrong type or a value that makes no sense ends with one line on
 stderr and exit status 2, before anything is compiled.
 
 SIGTERM or Ctrl-C during training saves the step in flight and exits 0 with
-``"interrupted": true`` in the summary; before training began (the config,
-the data, the first compile), it stops there with one line and exit status
-128 + the signal, nothing written; a second signal stops at once (exit 130).
+``"interrupted": true`` in the summary; before training began (while the
+config, the data or the model load), it stops there with one line and exit
+status 128 + the signal, nothing written; a second signal stops at once
+(exit 130).
 """
 
 from __future__ import annotations
