@@ -164,8 +164,8 @@ class StopRequest:
   registers one) it is printed and ignored, and the program goes on as if
   nothing had come. Entered for the whole of a program (``run(main,
   stop=StopRequest())``), a signal is never lost: one that comes while the
-  program loads its config, its data or compiles is seen at the next check
-  (``requested``), and the training loop saves the step it is on and stops. A
+  program loads its config, its data or its model is seen at the next check
+  (``raise_if_requested``), and the training loop saves the step it is on and stops. A
   second signal raises ``KeyboardInterrupt``: stop at once. Only the main
   thread can install handlers; elsewhere this does nothing.
   """
@@ -173,10 +173,6 @@ class StopRequest:
   def __init__(self):
     self.signal: Optional[int] = None
     self._previous: dict = {}
-
-  @property
-  def requested(self) -> bool:
-    return self.signal is not None
 
   def raise_if_requested(self, when: str) -> None:
     """``Interrupted`` ("stopped by SIGINT <when>") if a signal has come."""
